@@ -1,0 +1,1 @@
+"""Quantization formats: GGML type geometry, numpy reference (de)quantizers."""
