@@ -1,0 +1,521 @@
+"""Numba CPU kernels for the non-matmul ops: norms, RoPE, softmax, gated activations, attention.
+
+Same functions and signatures as the numpy references in `ops_ref.py`; tests/test_kernels_ops.py
+compares the two. Elementwise ops use the references' float32 arithmetic (no fastmath), so they
+agree to a few ulp; attention uses fastmath (reassociated float32 sums) and agrees with the float64
+reference to ~1e-6 relative.
+
+Small inputs run on one thread: a parallel launch costs ~10 us, more than a decode-sized norm.
+numba has no float16 on the CPU, so float16 KV caches are passed to the kernels as their uint16
+bits and widened exactly in `_row_f32` (one instruction on F16C / ARMv8, a bit trick elsewhere).
+"""
+from __future__ import annotations
+
+import math
+import platform
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from .ops_ref import GELU_COEF_A, SQRT_2_OVER_PI, rope_theta_scale
+
+F32 = np.float32
+_FM = {"nsz", "arcp", "contract", "reassoc"}  # fastmath without nnan/ninf: -inf and 0-weights stay exact
+_PAR_MIN = 1 << 15  # elements of work below which a kernel stays on one thread
+_BLK = 1 << 13  # elements per parallel chunk of an elementwise op
+_BK = 64  # keys per block in prefill attention
+_Q_ROWS = 64  # (query, head) rows per prefill work item
+
+
+# ---- norms, rope, softmax, gates -------------------------------------------------------------
+
+@njit(cache=True, fastmath={"reassoc"})
+def _rms_row(x, w, eps, out):  # x (D,), w (D,), out (D,)
+    ss = 0.0
+    for i in range(x.shape[0]):
+        ss += np.float64(x[i] * x[i])
+    scale = F32(1.0) / F32(math.sqrt(F32(ss / x.shape[0]) + eps))
+    for i in range(x.shape[0]):
+        out[i] = (x[i] * scale) * w[i]
+
+
+@njit(cache=True, parallel=True)
+def _rms_norm(x, w, eps, out):  # x (R, D), w (D,), out (R, D)
+    if x.size < _PAR_MIN:
+        for r in range(x.shape[0]):
+            _rms_row(x[r], w, eps, out[r])
+    else:
+        for r in prange(x.shape[0]):
+            _rms_row(x[r], w, eps, out[r])
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (float64 sum, float32 rest).
+
+    x      # (..., D) float32: (n_tokens, dim) or (n_tokens, n_heads, head_dim) for q/k norms
+    weight # (D,) float32
+    """
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    d = x.shape[-1]
+    _rms_norm(x.reshape(-1, d), np.ascontiguousarray(weight, dtype=F32), F32(eps),
+              out.reshape(-1, d))
+    return out
+
+
+@njit(cache=True)
+def _rope_token(x, p, ts, fs, neox, n_rot, out):  # x (H, Dh), out (H, Dh)
+    half = n_rot // 2
+    cs = np.empty(half, dtype=F32)
+    sn = np.empty(half, dtype=F32)
+    theta = F32(p)
+    for i in range(half):  # ggml_rope_cache_init: theta *= theta_scale in float32
+        a = np.float64(fs * theta)
+        cs[i] = F32(math.cos(a))
+        sn[i] = F32(math.sin(a))
+        theta = theta * ts
+    for h in range(x.shape[0]):
+        for i in range(half):
+            i0 = i if neox else 2 * i
+            i1 = i + half if neox else 2 * i + 1
+            x0 = x[h, i0]
+            x1 = x[h, i1]
+            out[h, i0] = x0 * cs[i] - x1 * sn[i]
+            out[h, i1] = x0 * sn[i] + x1 * cs[i]
+        for d in range(n_rot, x.shape[1]):
+            out[h, d] = x[h, d]
+
+
+@njit(cache=True, parallel=True)
+def _rope(x, pos, ts, fs, neox, n_rot, out):  # x (T, H, Dh), pos (T,), out (T, H, Dh)
+    if x.size < _PAR_MIN:
+        for t in range(x.shape[0]):
+            _rope_token(x[t], pos[t], ts, fs, neox, n_rot, out[t])
+    else:
+        for t in prange(x.shape[0]):
+            _rope_token(x[t], pos[t], ts, fs, neox, n_rot, out[t])
+
+
+def rope(x, positions, theta_base, neox, n_rot=None, freq_scale=1.0):
+    """Rotary embedding as ggml's rope (see ops_ref.rope); returns a new array.
+
+    x         # (n_tokens, n_heads, head_dim) float32
+    positions # (n_tokens,) int
+    """
+    x = np.ascontiguousarray(x, dtype=F32)
+    n_rot = x.shape[-1] if n_rot is None else int(n_rot)
+    if n_rot % 2 or not 0 < n_rot <= x.shape[-1]:
+        raise ValueError(f"rope: n_rot={n_rot} must be even and within head_dim={x.shape[-1]}")
+    out = np.empty_like(x)
+    _rope(x, np.ascontiguousarray(positions, dtype=np.int64), rope_theta_scale(theta_base, n_rot),
+          F32(freq_scale), bool(neox), n_rot, out)
+    return out
+
+
+@njit(cache=True)
+def _softmax_row(x, out):  # x (N,), out (N,)
+    m = x[0]
+    for i in range(1, x.shape[0]):
+        m = max(m, x[i])
+    s = 0.0
+    for i in range(x.shape[0]):
+        e = math.exp(x[i] - m)
+        out[i] = e
+        s += np.float64(e)
+    inv = F32(1.0 / s)
+    for i in range(x.shape[0]):
+        out[i] *= inv
+
+
+@njit(cache=True, parallel=True)
+def _softmax(x, out):  # x (R, N), out (R, N)
+    if x.size < _PAR_MIN:
+        for r in range(x.shape[0]):
+            _softmax_row(x[r], out[r])
+    else:
+        for r in prange(x.shape[0]):
+            _softmax_row(x[r], out[r])
+
+
+def softmax(x):
+    """Numerically stable softmax over the last axis. x # (..., N) float32"""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    _softmax(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True)
+def _silu_range(g, u, out, i0, i1):  # g, u, out (n,)
+    for i in range(i0, i1):
+        x = g[i]
+        out[i] = x / (F32(1.0) + math.exp(-x)) * u[i]
+
+
+@njit(cache=True)
+def _gelu_range(g, u, out, i0, i1):  # g, u, out (n,)
+    for i in range(i0, i1):
+        x = g[i]
+        inner = SQRT_2_OVER_PI * x * (F32(1.0) + GELU_COEF_A * x * x)
+        out[i] = F32(0.5) * x * (F32(1.0) + math.tanh(inner)) * u[i]
+
+
+@njit(cache=True, parallel=True)
+def _silu_gate(g, u, out):  # g, u, out (n,)
+    n = g.shape[0]
+    if n < _PAR_MIN:
+        _silu_range(g, u, out, 0, n)
+    else:
+        for b in prange((n + _BLK - 1) // _BLK):
+            _silu_range(g, u, out, b * _BLK, min(n, (b + 1) * _BLK))
+
+
+@njit(cache=True, parallel=True)
+def _gelu_gate(g, u, out):  # g, u, out (n,)
+    n = g.shape[0]
+    if n < _PAR_MIN:
+        _gelu_range(g, u, out, 0, n)
+    else:
+        for b in prange((n + _BLK - 1) // _BLK):
+            _gelu_range(g, u, out, b * _BLK, min(n, (b + 1) * _BLK))
+
+
+def _gate(kernel, gate, up):
+    gate = np.ascontiguousarray(gate, dtype=F32)
+    up = np.ascontiguousarray(up, dtype=F32)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {gate.shape} and up {up.shape} must have the same shape")
+    out = np.empty_like(gate)
+    kernel(gate.reshape(-1), up.reshape(-1), out.reshape(-1))
+    return out
+
+
+def silu_gate(gate, up):
+    """silu(gate) * up. gate, up # (n_tokens, n_ff) float32"""
+    return _gate(_silu_gate, gate, up)
+
+
+def gelu_tanh_gate(gate, up):
+    """gelu_tanh(gate) * up (ggml's constants; see ops_ref). gate, up # (n_tokens, n_ff) float32"""
+    return _gate(_gelu_gate, gate, up)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def _native_f16() -> bool:
+    """Can LLVM widen float16 with an instruction (x86 F16C, ARMv8) rather than a libcall that
+    numba's JIT could not link?"""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    features = numba.config.CPU_FEATURES or ""  # NUMBA_CPU_FEATURES overrides the host's
+    return "+f16c" in features if features else bool(llvm.get_host_cpu_features().get("f16c"))
+
+
+_NATIVE_F16 = _native_f16()
+
+
+@intrinsic
+def _bitcast_f32(typingctx, u):  # uint32 bits -> float32
+    return types.float32(types.uint32), lambda c, b, sig, a: b.bitcast(a[0], ir.FloatType())
+
+
+@intrinsic
+def _fpext_f16(typingctx, h):  # uint16 holding float16 bits -> float32 (vcvtph2ps / fcvt)
+    return types.float32(types.uint16), lambda c, b, sig, a: b.fpext(
+        b.bitcast(a[0], ir.HalfType()), ir.FloatType())
+
+
+@njit(cache=True)
+def _f16_soft(x):  # uint16 holding float16 bits -> float32 without F16C; exact for every pattern
+    h = np.uint32(x)
+    f = _bitcast_f32((h & np.uint32(0x7FFF)) << np.uint32(13)) * F32(2.0 ** 112)  # rebias/renormalise
+    if h & np.uint32(0x7C00) == np.uint32(0x7C00):  # inf, nan
+        f = _bitcast_f32(np.uint32(0x7F800000) | ((h & np.uint32(0x3FF)) << np.uint32(13)))
+    return -f if h & np.uint32(0x8000) else f
+
+
+def _to_f32(x):
+    """One cache element as float32: x is float32, or uint16 holding float16 bits."""
+
+
+@overload(_to_f32)
+def _to_f32_impl(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return (lambda x: _fpext_f16(x)) if _NATIVE_F16 else (lambda x: _f16_soft(x))
+
+
+@njit(cache=True)
+def _row_f32(src, dst):  # src (Dh,) float32 or uint16 (float16 bits), dst (Dh,) float32
+    for d in range(src.shape[0]):
+        dst[d] = _to_f32(src[d])
+
+
+@njit(cache=True, fastmath=_FM)
+def _score(q, k, scale, softcap):  # q (Dh,), k (Dh,) -> scaled, soft-capped q.k
+    s = F32(0.0)
+    for d in range(q.shape[0]):
+        s += q[d] * k[d]
+    s *= scale
+    if softcap > 0:
+        s = softcap * math.tanh(s / softcap)
+    return s
+
+
+@njit(cache=True)
+def _first_key(p, window):
+    return max(0, p - window + 1) if window > 0 else 0
+
+
+@njit(cache=True, fastmath=_FM)
+def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, acc_part):
+    """Keys j0..j1-1 of kv head kvh for its G query heads, into partial softmax state c.
+
+    q # (Hq, Dh); k, v # (S, Hkv, Dh); m_part, l_part # (Hq, n_chunks); acc_part # (n_chunks, Hq, Dh)
+    """
+    G = q.shape[0] // k.shape[1]
+    h0 = kvh * G
+    n = j1 - j0
+    if n <= 0:  # an empty chunk (only with > 64 chunks) contributes nothing
+        for g in range(G):
+            m_part[h0 + g, c] = -np.inf
+            l_part[h0 + g, c] = 0.0
+            for d in range(q.shape[1]):
+                acc_part[c, h0 + g, d] = 0.0
+        return
+    sc = np.empty((G, n), dtype=F32)
+    row = np.empty(q.shape[1], dtype=F32)
+    for jj in range(n):
+        j = j0 + jj
+        _row_f32(k[j % cap if cap > 0 else j, kvh], row)
+        for g in range(G):
+            sc[g, jj] = _score(q[h0 + g], row, scale, softcap)
+    for g in range(G):
+        m = sc[g, 0]
+        for jj in range(1, n):
+            m = max(m, sc[g, jj])
+        s = F32(0.0)
+        for jj in range(n):
+            e = math.exp(sc[g, jj] - m)
+            sc[g, jj] = e
+            s += e
+        m_part[h0 + g, c] = m
+        l_part[h0 + g, c] = s
+        for d in range(q.shape[1]):
+            acc_part[c, h0 + g, d] = 0.0
+    for jj in range(n):
+        j = j0 + jj
+        _row_f32(v[j % cap if cap > 0 else j, kvh], row)
+        for g in range(G):
+            a = acc_part[c, h0 + g]
+            w = sc[g, jj]
+            for d in range(row.shape[0]):
+                a[d] += w * row[d]
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
+    """One query at position p: split-K over (kv head, key chunk) items, then merge.
+
+    q, out # (Hq, Dh); k, v # (S, Hkv, Dh) float32 or uint16 (float16 bits)
+    """
+    Hq, Dh = q.shape
+    Hkv = k.shape[1]
+    lo = _first_key(p, window)
+    chunk = (p - lo + n_chunks) // n_chunks
+    m_part = np.empty((Hq, n_chunks), dtype=F32)
+    l_part = np.empty((Hq, n_chunks), dtype=F32)
+    acc_part = np.empty((n_chunks, Hq, Dh), dtype=F32)
+    if par:
+        for it in prange(Hkv * n_chunks):
+            j0 = lo + (it % n_chunks) * chunk
+            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
+                         cap, it % n_chunks, m_part, l_part, acc_part)
+    else:
+        for it in range(Hkv * n_chunks):
+            j0 = lo + (it % n_chunks) * chunk
+            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
+                         cap, it % n_chunks, m_part, l_part, acc_part)
+    for h in range(Hq):
+        m = m_part[h, 0]
+        for c in range(1, n_chunks):
+            m = max(m, m_part[h, c])
+        s = F32(0.0)
+        for d in range(Dh):  # explicit loops: an array expression here would become a parfor
+            out[h, d] = 0.0
+        for c in range(n_chunks):
+            w = math.exp(m_part[h, c] - m)
+            s += w * l_part[h, c]
+            for d in range(Dh):
+                out[h, d] += w * acc_part[c, h, d]
+        inv = F32(1.0) / s
+        for d in range(Dh):
+            out[h, d] *= inv
+
+
+@njit(cache=True, fastmath=_FM)
+def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
+    """Flash-style online softmax for queries t0..t1-1 and the G query heads of kv head kvh.
+
+    q, out # (T, Hq, Dh); k, v # (S, Hkv, Dh); pos # (T,)
+    """
+    Dh = q.shape[2]
+    G = q.shape[1] // k.shape[1]
+    h0 = kvh * G
+    R = (t1 - t0) * G  # rows r = (t - t0) * G + g
+    m = np.full(R, -np.inf, dtype=F32)
+    l = np.zeros(R, dtype=F32)
+    acc = np.zeros((R, Dh), dtype=F32)
+    kb = np.empty((_BK, Dh), dtype=F32)
+    vb = np.empty((_BK, Dh), dtype=F32)
+    s = np.empty(_BK, dtype=F32)
+    jlo, jhi = pos[t0], pos[t0]
+    for t in range(t0, t1):
+        jlo = min(jlo, _first_key(pos[t], window))
+        jhi = max(jhi, pos[t])
+    for b0 in range(jlo, jhi + 1, _BK):
+        nb = min(_BK, jhi + 1 - b0)
+        for c in range(nb):
+            j = b0 + c
+            _row_f32(k[j % cap if cap > 0 else j, kvh], kb[c])
+            _row_f32(v[j % cap if cap > 0 else j, kvh], vb[c])
+        for r in range(R):
+            t = t0 + r // G
+            c0 = max(b0, _first_key(pos[t], window)) - b0
+            c1 = min(b0 + nb - 1, pos[t]) - b0
+            if c1 < c0:
+                continue
+            qr = q[t, h0 + r % G]
+            bm = -np.inf
+            for c in range(c0, c1 + 1):
+                s[c] = _score(qr, kb[c], scale, softcap)
+                bm = max(bm, s[c])
+            m_new = max(m[r], bm)
+            alpha = math.exp(m[r] - m_new)
+            l[r] *= alpha
+            a = acc[r]
+            for d in range(Dh):
+                a[d] *= alpha
+            for c in range(c0, c1 + 1):
+                e = math.exp(s[c] - m_new)
+                l[r] += e
+                for d in range(Dh):
+                    a[d] += e * vb[c, d]
+            m[r] = m_new
+    for r in range(R):
+        inv = F32(1.0) / l[r]
+        for d in range(Dh):
+            out[t0 + r // G, h0 + r % G, d] = acc[r, d] * inv
+
+
+@njit(cache=True, parallel=True)
+def _attn_prefill(q, k, v, pos, scale, window, softcap, cap, bq, out):
+    """Work items (kv head, query block); blocks visited low/high alternately so that a static
+    split of the item range gives each thread a similar share of the causal triangle."""
+    Hkv = k.shape[1]
+    nqb = (q.shape[0] + bq - 1) // bq
+    for it in prange(Hkv * nqb):
+        i = it // Hkv
+        b = i // 2 if i % 2 == 0 else nqb - 1 - i // 2
+        _prefill_item(q, k, v, pos, scale, window, softcap, cap, it % Hkv,
+                      b * bq, min(q.shape[0], (b + 1) * bq), out)
+
+
+def _cache_view(c, name):  # (S, Hkv, Dh) float32 as is; float16 as its uint16 bits, no copy
+    if c.dtype == np.float16:
+        return np.ascontiguousarray(c).view(np.uint16)
+    if c.dtype != np.float32:
+        raise TypeError(f"attention: {name} must be float32 or float16, got {c.dtype}")
+    return np.ascontiguousarray(c)
+
+
+def _attention(q, k, v, q_positions, scale, window, softcap, cap):  # cap: ring rows, 0 = contiguous
+    q = np.ascontiguousarray(q, dtype=F32)
+    pos = np.ascontiguousarray(q_positions, dtype=np.int64)
+    k, v = _cache_view(k, "k cache"), _cache_view(v, "v cache")
+    T, Hq, Dh = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    if v.shape != k.shape or k.shape[2] != Dh or Hq % Hkv or pos.shape != (T,) or T == 0:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}, positions {pos.shape}"
+                         " do not fit (n_q_heads must be a multiple of n_kv_heads)")
+    window = int(window)
+    p_min, p_max = (int(pos[0]), int(pos[0])) if T == 1 else (int(pos.min()), int(pos.max()))
+    if p_min < 0 or (cap == 0 and p_max >= S):
+        raise ValueError(f"attention: positions {p_min}..{p_max} outside the cache of {S} rows")
+    if cap and (max(0, p_min - window + 1) if window else 0) < p_max + 1 - cap:
+        raise ValueError(f"attention_ring: a ring of {cap} rows cannot hold window {window} for"
+                         f" positions {p_min}..{p_max}; it needs >= window + n_tokens - 1 rows")
+    out = np.empty_like(q)
+    scale, softcap = F32(scale), F32(softcap)
+    if T == 1:
+        p = p_max
+        n_vis = p + 1 - (max(0, p - window + 1) if window else 0)
+        threads = numba.get_num_threads()
+        par = threads > 1 and n_vis * Hq * Dh >= _PAR_MIN
+        n_chunks = max(1, min(n_vis // 64, -(-2 * threads // Hkv))) if par else 1
+        _attn_decode(q[0], k, v, p, scale, window, softcap, cap, n_chunks, par, out[0])
+    else:
+        _attn_prefill(q, k, v, pos, scale, window, softcap, cap, max(1, _Q_ROWS // (Hq // Hkv)),
+                      out)
+    return out
+
+
+def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
+    """Causal attention with grouped KV heads over a contiguous cache (row j = position j).
+
+    q           # (n_tokens, n_q_heads, head_dim) float32
+    k_cache     # (S, n_kv_heads, head_dim) float32 or float16; rows 0..max(q_positions) written,
+                # S may be the whole preallocated context (rows past the query are never read)
+    v_cache     # (S, n_kv_heads, head_dim) float32 or float16
+    q_positions # (n_tokens,) int
+    Key j is visible to a query at p iff j <= p and (window == 0 or p - j < window); query head h
+    reads kv head h // (n_q_heads // n_kv_heads). Score = q.k * scale, then
+    softcap * tanh(score / softcap) if softcap > 0. One token (decode) splits the keys over
+    threads; several (prefill) run blocked online-softmax over (kv head, query block) items.
+    Returns     # (n_tokens, n_q_heads, head_dim) float32
+    """
+    return _attention(q, k_cache, v_cache, q_positions, scale, window, softcap, 0)
+
+
+def attention_ring(q, k_ring, v_ring, q_positions, scale, window=0, softcap=0.0):
+    """`attention` on a ring buffer (sliding-window layers): position j lives in row j % W.
+
+    k_ring, v_ring # (W, n_kv_heads, head_dim) float32 or float16, positions up to
+                   # max(q_positions) written, so row j % W holds the latest such j
+    The ring must still hold every visible key: W >= window + n_tokens - 1 for a block of
+    consecutive queries (W >= window for decode); a too-small ring raises ValueError. So a
+    runtime that prefills in chunks of C tokens gives local layers a ring of window + C - 1 rows,
+    writes a chunk's k/v, then calls this; memory stays bounded by the window, not the context.
+    """
+    return _attention(q, k_ring, v_ring, q_positions, scale, window, softcap, k_ring.shape[0])
+
+
+# ---- embedding -------------------------------------------------------------------------------
+
+def embedding_rows(table_raw, ggml_type, ids):
+    """Gather the requested rows, then dequantize them in one call (quant.formats.dequantize).
+
+    table_raw # (V, row_bytes) uint8, whole blocks per row
+    ids       # (n_tokens,) int
+    Returns   # (n_tokens, D) float32
+    """
+    from ..quant.formats import dequantize
+    from ..quant.ggml_types import GGMLType
+
+    t = GGMLType(int(ggml_type))
+    ids = np.asarray(ids, dtype=np.int64)
+    V, row_bytes = table_raw.shape
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise IndexError(f"embedding_rows: token ids {ids.min()}..{ids.max()} outside vocab of {V}")
+    d = row_bytes // t.type_size * t.block_size
+    if ids.size == 0:
+        return np.zeros((0, d), dtype=F32)
+    rows = np.ascontiguousarray(table_raw[ids])  # (n_tokens, row_bytes)
+    return np.asarray(dequantize(rows.reshape(-1), t), dtype=F32).reshape(ids.size, d)
