@@ -136,6 +136,221 @@ def rm(name: str = typer.Argument(..., help="cached model name")) -> None:
     typer.echo(f"removed {name} ({_size(freed)})")
 
 
+def _runtime_config(threads, ctx, backend=None, n_batch=None):
+    kw = {"n_ctx": ctx}
+    if threads is not None:
+        kw["threads"] = threads
+    if backend:
+        kw["backend"] = backend
+    if n_batch:
+        kw["n_batch"] = n_batch
+    return rt.RuntimeConfig(**kw)
+
+
+def _load(model: str, rcfg, verbose: bool = False):
+    eng = rt.Engine(_resolve(model), rcfg)
+    if verbose:
+        typer.echo(f"[{eng.config.arch}, {eng.config.n_layer} layers, ctx {eng.n_ctx}, "
+                   f"{rcfg.threads} threads, kernels: {eng.backend}]", err=True)
+    return eng
+
+
+def _prompt_text(prompt: Optional[str], file: Optional[str]) -> str:
+    if file is not None:
+        try:
+            with open(file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise rt.EdgeLLMError(f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
+    if prompt is None:
+        raise rt.EdgeLLMError("give a prompt or --file")
+    return prompt
+
+
+THREADS = typer.Option(None, "--threads", "-t", min=1, max=256, help="CPU threads (default: all cores)")
+CTX = typer.Option(4096, "--ctx", "-c", min=1, help="context length (bounded by the model's)")
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="catalog name or path to a GGUF file"),
+    prompt: Optional[str] = typer.Argument(None, help="the prompt text"),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="read the prompt from a file"),
+    n: int = typer.Option(-1, "-n", "--max-tokens", min=-1, help="tokens to generate (-1: until end of generation)"),
+    temp: float = typer.Option(0.8, "--temp", min=0.0, help="temperature (0 = greedy)"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="random seed (default: random)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past end-of-generation tokens"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    threads: Optional[int] = THREADS,
+    ctx: int = CTX,
+    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and speed on stderr"),
+) -> None:
+    """Generate a continuation of PROMPT, streaming it to stdout."""
+    text = _prompt_text(prompt, file)
+    params = rt.SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, seed=seed, max_tokens=n,
+                               stop=tuple(stop), ignore_eos=ignore_eos)
+    eng = _load(model, _runtime_config(threads, ctx, backend), verbose and not as_json)
+    try:
+        ids = eng.tokenizer.encode(text)
+        pieces = []
+        for ev in eng.generate(ids, params):
+            pieces.append(ev.text)
+            if not as_json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        st = eng.stats
+        if as_json:
+            typer.echo(json.dumps({
+                "prompt_ids": ids, "ids": st.ids, "text": "".join(pieces),
+                "prompt_tokens_per_s": st.prompt_tokens_per_s, "tokens_per_s": st.tokens_per_s,
+                "time_to_first_token_s": st.ttft_s, "peak_rss_bytes": st.peak_rss_bytes,
+            }))
+        else:
+            sys.stdout.write("\n")
+            if verbose:
+                typer.echo(_stats_line(st), err=True)
+    finally:
+        eng.close()
+
+
+def _stats_line(st) -> str:
+    return (f"[prompt {st.prompt_tokens} tok at {st.prompt_tokens_per_s:.1f} tok/s"
+            f"{f' (+{st.cached_tokens} cached)' if st.cached_tokens else ''}, "
+            f"generated {st.gen_tokens} tok at {st.tokens_per_s:.1f} tok/s, "
+            f"first token {st.ttft_s:.2f} s, peak RSS {st.peak_rss_bytes / 1e6:,.0f} MB]")
+
+
+@app.command()
+def tokenize(
+    model: str = typer.Argument(..., help="catalog name or path to a GGUF file"),
+    text: Optional[str] = typer.Argument(None, help="text to tokenize"),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="read the text from a file"),
+    no_special: bool = typer.Option(False, "--no-special", help="do not add BOS/EOS nor parse special tokens"),
+    as_json: bool = typer.Option(False, "--json", help='print {"ids": [...]}'),
+) -> None:
+    """Print the token ids of TEXT (llama.cpp's tokenization)."""
+    s = _prompt_text(text, file)
+    with rt.GGUFFile(_resolve(model)) as f:
+        tok = rt.Tokenizer.from_metadata(f.metadata)
+    ids = tok.encode(s, add_special=not no_special, parse_special=not no_special)
+    if as_json:
+        typer.echo(json.dumps({"ids": ids}))
+        return
+    for i in ids:
+        typer.echo(f"{i:>8} {tok.token_bytes(i)!r}")
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Argument(..., help="catalog name or path to a GGUF file"),
+    file: str = typer.Argument(..., help="text file to score"),
+    ctx: int = typer.Option(512, "--ctx", "-c", min=2, help="chunk length in tokens"),
+    threads: Optional[int] = THREADS,
+    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"ppl": float, "scored_tokens": int}'),
+) -> None:
+    """Perplexity of FILE, scored as llama.cpp's llama-perplexity does."""
+    text = _prompt_text(None, file)
+    eng = _load(model, _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096)))
+    try:
+        def progress(i, n, ppl):
+            if not as_json:
+                typer.echo(f"[{i}/{n}] {ppl:.4f}", err=True)
+
+        r = rt.perplexity(eng, text, ctx, on_chunk=progress)
+    finally:
+        eng.close()
+    if as_json:
+        typer.echo(json.dumps({"ppl": r.ppl, "scored_tokens": r.scored_tokens}))
+    else:
+        typer.echo(f"perplexity {r.ppl:.4f} over {r.scored_tokens} tokens ({r.n_chunks} chunks of {ctx})")
+
+
+@app.command()
+def bench(
+    target: str = typer.Argument(rt.DEFAULT_MODEL, help="a model (catalog name or GGUF path), or 'kernels'"),
+    threads: Optional[int] = typer.Option(2, "--threads", "-t", min=1, max=256, help="CPU threads"),
+    reps: int = typer.Option(3, "--reps", min=1, max=50, help="runs per figure (the median is reported)"),
+    n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=1, help="prompt tokens (pp)"),
+    n_gen: int = typer.Option(64, "--n-gen", "-n", min=1, help="generated tokens (tg)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    no_llama_cpp: bool = typer.Option(False, "--no-llama-cpp", help="skip the llama.cpp comparison"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Measure prompt processing and generation speed (and llama.cpp's, when llama-cpp-python is installed)."""
+    if target == "kernels":
+        return _bench_kernels(threads, as_json)
+    from .runtime import bench as rb
+
+    path = _resolve(target)
+    n_ctx = max(1024, n_prompt + n_gen)
+    eng = _load(target, _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096)))
+    try:
+        ours = rb.measure(eng, n_prompt, n_gen, reps)
+    finally:
+        eng.close()
+    ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, threads or 2, n_ctx)
+    out = dict(ours, llama_cpp=ref)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    pp, tg = f"pp{n_prompt}_tokens_per_s", f"tg{n_gen}_tokens_per_s"
+    typer.echo(f"{target}: {threads} threads, median of {reps}, kernels: {eng.backend}")
+    typer.echo(f"{'':12}{'pp' + str(n_prompt) + ' tok/s':>14}{'tg' + str(n_gen) + ' tok/s':>14}{'peak RSS':>12}")
+    typer.echo(f"{'edgellm':12}{ours[pp]:14.1f}{ours[tg]:14.1f}{ours['peak_rss_bytes'] / 1e6:10,.0f} MB")
+    if ref and "error" not in ref:
+        typer.echo(f"{'llama.cpp':12}{ref[pp]:14.1f}{ref[tg]:14.1f}{ref['peak_rss_bytes'] / 1e6:10,.0f} MB")
+        typer.echo(f"{'ratio':12}{ours[pp] / ref[pp]:13.2f}x{ours[tg] / ref[tg]:13.2f}x"
+                   f"{ours['peak_rss_bytes'] / ref['peak_rss_bytes']:11.2f}x")
+    elif ref:
+        typer.echo(f"llama.cpp: {ref['error']}")
+    else:
+        typer.echo("llama.cpp: not measured (pip install llama-cpp-python to compare)")
+
+
+def _bench_kernels(threads: Optional[int], as_json: bool) -> None:
+    from .kernels_cpu import bench as kb
+
+    rows = kb.run(threads_list=(1, 2) if threads in (None, 2) else (threads,), json=as_json)
+    if as_json:
+        typer.echo(json.dumps(rows))
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(rt.DEFAULT_MODEL, help="catalog name or path to a GGUF file"),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="system prompt"),
+    temp: float = typer.Option(0.8, "--temp", min=0.0, help="temperature (0 = greedy)"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="random seed (default: random)"),
+    n: int = typer.Option(-1, "-n", "--max-tokens", min=-1, help="tokens per reply at most (-1: until end of turn)"),
+    threads: Optional[int] = THREADS,
+    ctx: int = CTX,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print speed and memory after each reply"),
+) -> None:
+    """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
+    from .runtime.api import load
+    from .runtime.chat_session import ChatSession, repl
+
+    _resolve(model)  # fetch with a progress bar first
+    settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {})}
+    with load(model, **settings) as llm:
+        if verbose:
+            typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)
+        session = ChatSession(llm, system, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                              seed=seed, max_tokens=n)
+        repl(session, verbose=verbose)
+
+
 def main() -> None:
     try:
         app()

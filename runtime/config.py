@@ -1,0 +1,107 @@
+"""The two configurations: what the model file says (ModelConfig) and what the user chose (RuntimeConfig)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import EdgeLLMError
+from ..loaders.gguf import GGUFFile
+
+
+class ConfigError(EdgeLLMError):
+    """A setting or a model hyper-parameter is missing or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters read from GGUF metadata (`<arch>.*` keys)."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # key/query head size
+    head_dim_v: int
+    n_vocab: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float
+    rope_neox: bool  # rotate (x[i], x[i + d/2]) pairs instead of (x[2i], x[2i+1])
+    rope_freq_scale: float = 1.0
+    rope_base_local: float = 0.0  # sliding-window layers' RoPE base (gemma3), 0 = same as global
+    sliding_window: int = 0  # 0: no sliding-window layers
+    swa_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "head_dim_v", "n_vocab"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"model hyper-parameter {k} is {getattr(self, k)}; expected > 0")
+        if self.n_head % self.n_head_kv:
+            raise ConfigError(f"{self.n_head} attention heads are not a multiple of {self.n_head_kv} KV heads")
+
+    @staticmethod
+    def read(f: GGUFFile, **overrides) -> "ModelConfig":
+        """The common keys; architectures pass what differs as `overrides`."""
+        m = f.metadata
+        arch = m.get("general.architecture")
+
+        def key(name, default=None):
+            v = m.get(f"{arch}.{name}", default)
+            if v is None:
+                raise ConfigError(f"model metadata lacks '{arch}.{name}'")
+            return v
+
+        n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", n_embd // n_head))
+        vocab = m.get("tokenizer.ggml.tokens")
+        args = dict(
+            arch=arch,
+            n_layer=int(key("block_count")),
+            n_embd=n_embd,
+            n_ff=int(key("feed_forward_length")),
+            n_head=n_head,
+            n_head_kv=int(key("attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            head_dim_v=int(key("attention.value_length", head_dim)),
+            n_vocab=len(vocab) if vocab is not None else int(key("vocab_size")),
+            n_ctx_train=int(key("context_length")),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_base=float(key("rope.freq_base", 10000.0)),
+            rope_neox=True,
+        )
+        scale = m.get(f"{arch}.rope.scaling.factor")
+        if scale and m.get(f"{arch}.rope.scaling.type", "linear") == "linear":
+            args["rope_freq_scale"] = 1.0 / float(scale)
+        args.update(overrides)
+        return ModelConfig(**args)
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """User choices, validated once; errors name the setting."""
+
+    threads: int = field(default_factory=_default_threads)
+    n_ctx: int = 4096  # bounded by the model's training context at load
+    n_batch: int = 512  # prompt tokens per forward pass
+    backend: str | None = None  # kernel backend; None = the fastest available
+
+    def __post_init__(self):
+        for k in ("threads", "n_ctx", "n_batch"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{k} must be a positive integer, not {v!r}")
+        if self.threads > 256:
+            raise ConfigError(f"threads must be at most 256, not {self.threads}")
+        if self.n_batch > 4096:
+            raise ConfigError(f"n_batch must be at most 4096, not {self.n_batch}")

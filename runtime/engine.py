@@ -1,0 +1,205 @@
+"""A loaded model ready to generate: file, tokenizer, architecture, kernels, KV-cache state.
+
+    eng = Engine.load("gemma3-270m", RuntimeConfig(threads=2))
+    for ev in eng.generate(eng.tokenizer.encode("Hello"), SamplingParams(temperature=0)):
+        print(ev.text, end="")
+
+`prefill` runs prompt tokens through the model in batches of `n_batch` (reusing the longest
+prefix already in the KV cache), `decode_one` one token; `generate` yields an event per token.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..loaders.gguf import GGUFFile
+from . import gemma3, llama  # noqa: F401  (register the architectures)
+from .config import RuntimeConfig
+from .kv_cache import RingCache
+from .model import model_class
+from .sampler import Sampler, SamplingParams, StopMatcher
+from .tokenizer import StreamDecoder, Tokenizer
+from .weights import Weights
+
+
+def select_kernels(backend: str | None, threads: int):
+    """The ops module and linear factory, chosen once; numpy where numba cannot run."""
+    from ..kernels_cpu import linear
+
+    linear.set_threads(threads)
+    name = backend or linear.default_backend()
+    if name not in linear.available_backends():
+        raise EdgeLLMError(f"backend '{name}' is not available here; available: {', '.join(linear.available_backends())}")
+    if name == "numpy":
+        from ..kernels_cpu import ops_ref as ops
+    else:
+        try:
+            from ..kernels_cpu import ops
+        except ImportError:  # no numba on this machine
+            from ..kernels_cpu import ops_ref as ops
+
+    def make_linear(rows, gtype, k):
+        return partial(linear.matmul, linear.pack(rows, gtype, k, backend=name))
+
+    return ops, make_linear, f"{linear.describe_backend()}; ops: {ops.__name__.rsplit('.', 1)[-1]}"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Event:
+    """One generated token: its id, the text it completes (may be empty), running speed."""
+
+    token: int
+    text: str
+    tokens_per_s: float
+    finish_reason: str | None = None  # "stop" (end of generation or stop string), "length", or None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens actually processed (after KV-cache reuse)
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+    ttft_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    peak_rss_bytes: int = 0
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.gen_tokens / self.gen_s if self.gen_s > 0 else 0.0
+
+
+class Engine:
+    def __init__(self, path: Path, rcfg: RuntimeConfig):
+        self.path = Path(path)
+        self.rcfg = rcfg
+        self.file = GGUFFile(path)
+        try:
+            arch = self.file.metadata.get("general.architecture")
+            cls = model_class(arch)
+            self.config = cls.config(self.file)
+            self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
+            self.ops, make_linear, self.backend = select_kernels(rcfg.backend, rcfg.threads)
+            weights = Weights(self.file, make_linear)
+            self.model = cls(self.config, rcfg, weights, self.ops)
+            weights.load_all()
+        except BaseException:
+            self.file.close()
+            raise
+        self.n_ctx = self.model.n_ctx
+        self.tokens: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
+        self.stats = Stats()
+
+    @classmethod
+    def load(cls, model: str, rcfg: RuntimeConfig | None = None, progress=None) -> "Engine":
+        from ..loaders.store import resolve
+
+        return cls(resolve(model, progress=progress), rcfg or RuntimeConfig())
+
+    def close(self) -> None:
+        self.file.close()
+
+    # --- the forward passes ---
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def _reusable(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of `ids` the KV cache already holds (leaving one to evaluate)."""
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        for c in self.model.caches:
+            if isinstance(c, RingCache) and c.ring and not c.can_rewind_to(n, len(self.tokens)):
+                return 0
+        return max(n, 0)
+
+    def prefill(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Bring the cache to exactly `ids`; logits of the last token (or of every new one)."""
+        if not ids:
+            raise EdgeLLMError("the prompt is empty")
+        if len(ids) > self.n_ctx:
+            raise EdgeLLMError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}")
+        keep = 0 if all_logits else self._reusable(ids)
+        self.tokens = list(ids[:keep])
+        self.stats.cached_tokens = keep
+        out = []
+        for s in range(keep, len(ids), self.rcfg.n_batch):
+            batch = ids[s : s + self.rcfg.n_batch]
+            last = s + len(batch) == len(ids)
+            logits = self.model.forward(np.asarray(batch), s, all_logits=all_logits)
+            self.tokens.extend(batch)
+            if all_logits or last:
+                out.append(logits)
+        return np.concatenate(out) if all_logits else out[-1][-1]
+
+    def decode_one(self, token: int) -> np.ndarray:
+        """Append one token; logits (n_vocab,) for the next."""
+        if len(self.tokens) >= self.n_ctx:
+            raise EdgeLLMError(f"context full ({self.n_ctx} tokens)")
+        logits = self.model.forward(np.asarray([token]), len(self.tokens))
+        self.tokens.append(token)
+        return logits[-1]
+
+    # --- generation ---
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
+        """Prefill `prompt_ids`, then sample until end of generation, a stop string or a limit."""
+        st = self.stats = Stats()
+        t0 = time.perf_counter()
+        logits = self.prefill(list(prompt_ids))
+        st.prompt_tokens = len(prompt_ids) - st.cached_tokens
+        st.prompt_s = time.perf_counter() - t0
+        sampler = Sampler(params, self.config.n_vocab, sorted(self.tokenizer.eog_ids))
+        decoder = StreamDecoder(self.tokenizer)
+        stops = StopMatcher(params.stop)
+        history = list(prompt_ids)
+        limit = self.n_ctx - len(prompt_ids)
+        if params.max_tokens >= 0:
+            limit = min(limit, params.max_tokens)
+        t_gen = time.perf_counter()
+        n = 0
+        while n < limit:
+            tok = sampler.sample(logits, history)
+            n += 1
+            now = time.perf_counter()
+            if n == 1:
+                st.ttft_s = now - t0
+            st.gen_tokens, st.gen_s = n, now - t_gen
+            st.ids.append(tok)
+            history.append(tok)
+            if self.tokenizer.is_eog(tok) and not params.ignore_eos:
+                text, _ = stops.feed(decoder.flush())
+                yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop")
+                break
+            text, hit = stops.feed(decoder.feed(tok))
+            if hit:
+                yield Event(tok, text, st.tokens_per_s, "stop")
+                break
+            if n == limit:
+                text += stops.feed(decoder.flush())[0] + stops.flush()
+                yield Event(tok, text, st.tokens_per_s, "length")
+                break
+            yield Event(tok, text, st.tokens_per_s)
+            logits = self.decode_one(tok)
+        st.gen_s = time.perf_counter() - t_gen
+        st.peak_rss_bytes = peak_rss_bytes()

@@ -1,0 +1,112 @@
+"""The model base class and the architecture registry (keyed by GGUF `general.architecture`).
+
+An architecture file subclasses `Model`, reads its `ModelConfig` in `config()`, and implements
+`block(i, x, positions)` for layer i. Weights come from a weight store by their GGUF tensor names
+(`blk.{i}.attn_q.weight`); the store decides whether they are resident or streamed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..loaders.gguf import GGUFFile
+from .config import ModelConfig, RuntimeConfig
+from .kv_cache import make_caches
+
+ARCHITECTURES: dict[str, type["Model"]] = {}
+
+
+class UnsupportedArchitecture(EdgeLLMError):
+    pass
+
+
+def register(*names: str):
+    def deco(cls):
+        for n in names:
+            ARCHITECTURES[n] = cls
+        return cls
+    return deco
+
+
+def model_class(arch: str | None) -> type["Model"]:
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture '{arch}'; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[arch]
+
+
+class Model:
+    """A transformer decoder over a weight store; `forward` runs a batch of consecutive tokens."""
+
+    embd_scale = 1.0  # embeddings are multiplied by this (gemma: sqrt(n_embd))
+
+    def __init__(self, cfg: ModelConfig, rcfg: RuntimeConfig, weights, ops):
+        self.cfg, self.rcfg, self.w, self.ops = cfg, rcfg, weights, ops
+        self.n_ctx = min(rcfg.n_ctx, cfg.n_ctx_train)
+        self.caches = make_caches(cfg, rcfg, self.n_ctx, ops)
+        self.output_name = "output.weight" if weights.has("output.weight") else "token_embd.weight"
+        self.norm_eps = cfg.rms_eps
+
+    @classmethod
+    def config(cls, f: GGUFFile) -> ModelConfig:
+        return ModelConfig.read(f)
+
+    # --- pieces shared by the architectures ---
+
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        return self.ops.rms_norm(x, self.w.vector(name), self.norm_eps)
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x (T, K) @ W.T -> (T, N), plus the bias `*.bias` when the file has one."""
+        y = self.w.linear(name)(x)
+        bias = name[: -len("weight")] + "bias"
+        if self.w.has(bias):
+            y += self.w.vector(bias)
+        return y
+
+    def reduce(self, x: np.ndarray) -> np.ndarray:
+        """Sum partial results across tensor-parallel nodes (after attn_output and ffn_down); a
+        no-op on one node. A cluster replaces it from outside (runtime never knows the network)."""
+        return x
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        rows, gtype = self.w.table("token_embd.weight")
+        x = self.ops.embedding_rows(rows, gtype, ids)  # (T, n_embd)
+        if self.embd_scale != 1.0:
+            x *= np.float32(self.embd_scale)
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and output projection: (T, n_embd) -> logits (T, n_vocab)."""
+        return self.linear(self.norm(x, "output_norm.weight"), self.output_name)
+
+    def attention(self, i: int, q, k, v, positions, scale: float) -> np.ndarray:
+        """Store k/v of layer i at `positions`, attend with q: (T, n_head, head_dim) -> (T, n_head * head_dim_v)."""
+        cache = self.caches[i]
+        cache.store(k, v, positions)
+        out = cache.attend(q, positions, scale)
+        return out.reshape(q.shape[0], -1)
+
+    def block(self, i: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, ids: np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
+        """Tokens `ids` (T,) at positions start..start+T-1 -> logits (T or 1, n_vocab)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        T = ids.shape[0]
+        if start + T > self.n_ctx:
+            raise EdgeLLMError(f"context full: {start + T} tokens exceed the context of {self.n_ctx}")
+        positions = np.arange(start, start + T, dtype=np.int64)
+        x = self.embed(ids)
+        for i in range(self.cfg.n_layer):
+            x = self.block(i, x, positions)
+        if not all_logits:
+            x = x[-1:]
+        return self.head(x)
+
+    @staticmethod
+    def attn_scale(head_dim: int) -> float:
+        return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,58 @@
+"""The resident weight store: every tensor of the file, packed once for the kernels at load time.
+
+Models ask for weights by GGUF name: `linear(name)` (a matrix the kernels multiply by),
+`vector(name)` (norm weights, biases: float32), `table(name)` (embedding rows, left quantized
+and dequantized per looked-up row). A streaming store (offload/) offers the same interface.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..loaders.gguf import GGUFFile
+from ..quant.formats import dequantize
+from ..quant.ggml_types import GGMLType
+
+# (raw rows uint8 (N, row_bytes), type, K) -> callable x (T, K) f32 -> (T, N) f32
+LinearFactory = Callable[[np.ndarray, GGMLType, int], Callable[[np.ndarray], np.ndarray]]
+
+
+class Weights:
+    def __init__(self, f: GGUFFile, make_linear: LinearFactory):
+        self.f = f
+        self.make_linear = make_linear
+        self._linear: dict[str, Callable] = {}
+        self._vector: dict[str, np.ndarray] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.f.tensors
+
+    def linear(self, name: str):
+        fn = self._linear.get(name)
+        if fn is None:
+            t = self.f.info(name)
+            if len(t.shape) != 2:
+                raise EdgeLLMError(f"tensor '{name}' has shape {t.shape}; expected a matrix")
+            fn = self._linear[name] = self.make_linear(self.f.rows(name), t.type, t.shape[0])
+        return fn
+
+    def vector(self, name: str) -> np.ndarray:
+        v = self._vector.get(name)
+        if v is None:
+            t = self.f.info(name)
+            v = self._vector[name] = np.ascontiguousarray(dequantize(self.f.raw(name), t.type), np.float32)
+        return v
+
+    def table(self, name: str) -> tuple[np.ndarray, GGMLType]:
+        return self.f.rows(name), self.f.info(name).type
+
+    def load_all(self) -> None:
+        """Pack every matrix now (so the first token does not pay for it)."""
+        tied = "output.weight" not in self.f.tensors
+        for name, t in self.f.tensors.items():
+            if len(t.shape) == 2 and (name != "token_embd.weight" or tied):
+                self.linear(name)
+            elif len(t.shape) == 1:
+                self.vector(name)
