@@ -136,8 +136,10 @@ def rm(name: str = typer.Argument(..., help="cached model name")) -> None:
     typer.echo(f"removed {name} ({_size(freed)})")
 
 
-def _runtime_config(threads, ctx, backend=None, n_batch=None):
+def _runtime_config(threads, ctx, backend=None, n_batch=None, memory_budget=None):
     kw = {"n_ctx": ctx}
+    if memory_budget:
+        kw["memory_budget"] = memory_budget
     if threads is not None:
         kw["threads"] = threads
     if backend:
@@ -152,7 +154,15 @@ def _load(model: str, rcfg, verbose: bool = False):
     if verbose:
         typer.echo(f"[{eng.config.arch}, {eng.config.n_layer} layers, ctx {eng.n_ctx}, "
                    f"{rcfg.threads} threads, kernels: {eng.backend}]", err=True)
+        if eng.plan is not None:
+            typer.echo(eng.plan.describe(), err=True)
     return eng
+
+
+def _step_line(i: int, step: dict) -> str:
+    """One forward pass's telemetry (--verbose with a memory budget)."""
+    return (f"[token {i}: {step['tokens']} in, compute {step['compute_s'] * 1e3:,.0f} ms, "
+            f"io wait {step['io_wait_s'] * 1e3:,.0f} ms, read {step['bytes_read'] / 1e6:,.0f} MB]")
 
 
 def _prompt_text(prompt: Optional[str], file: Optional[str]) -> str:
@@ -190,27 +200,40 @@ def run(
     backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and speed on stderr"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="workers HOST:PORT[,...] to run tensor-parallel with"),
+    key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`); needed off loopback"),
+    split: Optional[str] = typer.Option(None, "--split", help="cluster share weights, this node first, e.g. 2,1,1"),
+    cluster_timeout: float = typer.Option(5.0, "--cluster-timeout", min=0.05, help="seconds before a silent node counts as lost"),
 ) -> None:
     """Generate a continuation of PROMPT, streaming it to stdout."""
     text = _prompt_text(prompt, file)
     params = rt.SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                repeat_penalty=repeat_penalty, seed=seed, max_tokens=n,
                                stop=tuple(stop), ignore_eos=ignore_eos)
-    eng = _load(model, _runtime_config(threads, ctx, backend), verbose and not as_json)
+    rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget), cluster, key, split,
+                           cluster_timeout)
+    eng = _load(model, rcfg, verbose and not as_json)
     try:
         ids = eng.tokenizer.encode(text)
         pieces = []
+        shown = 0  # forward passes whose telemetry is printed (--verbose, streaming)
         for ev in eng.generate(ids, params):
             pieces.append(ev.text)
             if not as_json:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
+            if verbose and eng.plan is not None:
+                for step in eng.stats.steps[shown:]:
+                    typer.echo(_step_line(shown, step), err=True)
+                    shown += 1
         st = eng.stats
         if as_json:
             typer.echo(json.dumps({
                 "prompt_ids": ids, "ids": st.ids, "text": "".join(pieces),
                 "prompt_tokens_per_s": st.prompt_tokens_per_s, "tokens_per_s": st.tokens_per_s,
                 "time_to_first_token_s": st.ttft_s, "peak_rss_bytes": st.peak_rss_bytes,
+                "compute_s": st.compute_s, "io_wait_s": st.io_wait_s, "bytes_read": st.bytes_read,
             }))
         else:
             sys.stdout.write("\n")
@@ -255,10 +278,13 @@ def perplexity(
     threads: Optional[int] = THREADS,
     backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
     as_json: bool = typer.Option(False, "--json", help='print {"ppl": float, "scored_tokens": int}'),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and the memory plan on stderr"),
 ) -> None:
     """Perplexity of FILE, scored as llama.cpp's llama-perplexity does."""
     text = _prompt_text(None, file)
-    eng = _load(model, _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096)))
+    eng = _load(model, _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget),
+                verbose)
     try:
         def progress(i, n, ppl):
             if not as_json:
@@ -282,7 +308,9 @@ def bench(
     n_gen: int = typer.Option(64, "--n-gen", "-n", min=1, help="generated tokens (tg)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
     no_llama_cpp: bool = typer.Option(False, "--no-llama-cpp", help="skip the llama.cpp comparison"),
+    profile: bool = typer.Option(False, "--profile", help="also print milliseconds per decoded token by op"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory our run may use, e.g. 400M (llama.cpp runs unlimited; bench/offload.py compares both under memlimit)"),
 ) -> None:
     """Measure prompt processing and generation speed (and llama.cpp's, when llama-cpp-python is installed)."""
     if target == "kernels":
@@ -291,13 +319,16 @@ def bench(
 
     path = _resolve(target)
     n_ctx = max(1024, n_prompt + n_gen)
-    eng = _load(target, _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096)))
+    eng = _load(target, _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget))
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
+        breakdown = rb.profile_decode(eng) if profile else None
     finally:
         eng.close()
     ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, threads or 2, n_ctx)
     out = dict(ours, llama_cpp=ref)
+    if breakdown:
+        out["decode_ms_per_token_by_op"] = breakdown
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -313,6 +344,10 @@ def bench(
         typer.echo(f"llama.cpp: {ref['error']}")
     else:
         typer.echo("llama.cpp: not measured (pip install llama-cpp-python to compare)")
+    if breakdown:
+        typer.echo("decode, ms per token by op:")
+        for k, v in breakdown.items():
+            typer.echo(f"  {k:<22}{v:8.3f}")
 
 
 def _bench_kernels(threads: Optional[int], as_json: bool) -> None:
@@ -336,19 +371,73 @@ def chat(
     threads: Optional[int] = THREADS,
     ctx: int = CTX,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print speed and memory after each reply"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the chat may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
 ) -> None:
     """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
     from .runtime.api import load
     from .runtime.chat_session import ChatSession, repl
 
+    sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n)
+    rt.SamplingParams(**sampling)  # bad values fail before the model loads
     _resolve(model)  # fetch with a progress bar first
-    settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {})}
+    settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
+                **({"memory_budget": memory_budget} if memory_budget else {})}
     with load(model, **settings) as llm:
         if verbose:
             typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)
-        session = ChatSession(llm, system, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                              seed=seed, max_tokens=n)
-        repl(session, verbose=verbose)
+        repl(ChatSession(llm, system, **sampling), verbose=verbose)
+
+
+# ---- the LAN cluster (edgellm.runtime.cluster): `worker`, `keygen`, and --cluster on `run` ----
+
+
+def _cluster_config(rcfg, cluster: Optional[str], key: Optional[str], split: Optional[str], timeout: float = 5.0):
+    """`rcfg` with the --cluster, --key, --split and --cluster-timeout options applied."""
+    import dataclasses
+
+    if not cluster:
+        return rcfg
+    try:
+        weights = tuple(float(w) for w in split.split(",")) if split else ()
+    except ValueError:
+        raise rt.EdgeLLMError(f"--split must be comma-separated numbers, not {split!r}") from None
+    nodes = tuple(a.strip() for a in cluster.split(",") if a.strip())
+    return dataclasses.replace(rcfg, cluster=nodes, cluster_key=key, cluster_split=weights, cluster_timeout=timeout)
+
+
+@app.command()
+def worker(
+    listen: str = typer.Option("127.0.0.1:7370", "--listen", help="HOST:PORT to listen on (off loopback: needs --key)"),
+    key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`)"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 2GB"),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Serve a share of a model to a coordinator (`edgellm run MODEL --cluster HOST:PORT`)."""
+    import logging
+
+    from .runtime import cluster
+
+    logging.basicConfig(level=logging.INFO, format="edgellm worker: %(message)s")
+    host, port = cluster.parse_address(listen)
+    w = cluster.Worker(host, port, cluster.load_key(key), cluster.parse_size(memory_budget), threads)
+    typer.echo(f"edgellm worker listening on {w.address[0]}:{w.address[1]}")
+    sys.stdout.flush()
+    try:
+        w.serve_forever()
+    finally:
+        w.close()
+
+
+@app.command()
+def keygen(
+    file: str = typer.Argument(..., help="where to write the new key"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """Make a pre-shared cluster key; copy it to every node and pass --key FILE."""
+    from .runtime import cluster
+
+    path = cluster.keygen(file, force)
+    typer.echo(f"wrote a new cluster key to {path} (keep it secret; copy it to every node)")
 
 
 def main() -> None:

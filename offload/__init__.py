@@ -1,1 +1,39 @@
+"""Running models larger than the memory they may use: a planner (what stays resident, what
+streams) and a streaming weight store with the `Weights` interface (the model files never know).
 
+    plan, units = plan_for(f, cfg, n_ctx=512, n_batch=512, threads=2, budget=parse_size("400M"))
+    store = StreamingWeights(f, plan, units, make_linear)
+"""
+from __future__ import annotations
+
+import sys
+
+from .planner import (BudgetError, Plan, fmt, full_memory, measure_baseline, memory_limit, model_sizes,
+                      parse_size, plan)
+from .stream import StreamingWeights
+
+__all__ = ["BudgetError", "Plan", "StreamingWeights", "auto_budget", "parse_size", "plan_for"]
+
+
+def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None):
+    """The plan for GGUFFile `f` (ModelConfig `cfg`) under `budget` bytes, and its units."""
+    sizes = model_sizes(f, cfg)
+    n_ctx = min(n_ctx, cfg.n_ctx_train)
+    p = plan(budget, sizes, n_ctx, n_batch, baseline=measure_baseline(), threads=threads, window=window)
+    return p, sizes.units
+
+
+def auto_budget(f, cfg, n_ctx: int, n_batch: int, quiet: bool = False) -> int | None:
+    """None when the whole model fits in the memory this process may use; otherwise that memory,
+    as a budget to stream under (and a note on stderr saying so)."""
+    sizes = model_sizes(f, cfg)
+    need = full_memory(sizes, min(n_ctx, cfg.n_ctx_train), n_batch, measure_baseline())
+    have = memory_limit()
+    if need <= have:
+        return None
+    budget = int(have * 0.95)
+    if not quiet:
+        print(f"edgellm: {f.path.name} needs about {fmt(need)} with every weight in memory but only {fmt(have)} "
+              f"is available: streaming weights from disk within {fmt(budget)} (set --memory-budget to choose)",
+              file=sys.stderr)
+    return budget

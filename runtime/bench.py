@@ -88,3 +88,49 @@ def measure_llama_cpp(path: str, n_prompt: int = 512, n_gen: int = 64, reps: int
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def profile_decode(engine, n_gen: int = 32) -> dict[str, float]:
+    """Milliseconds per decoded token by op (matmuls by GGUF tensor kind, the other kernels by
+    name); 'python' is what is left: the interpreter's own time between kernel calls."""
+    model, ops = engine.model, engine.ops
+    times: dict[str, float] = {}
+
+    def timed(key_fn, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                k = key_fn(*a)
+                times[k] = times.get(k, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    def matmul_kind(x, name):
+        return "matmul " + name.split(".")[-2] if name.startswith("blk.") else "matmul head"
+
+    orig_linear = model.linear
+    model.linear = timed(matmul_kind, orig_linear)
+    orig_ops = {}
+    for op in ("rms_norm", "rope", "attention", "attention_ring", "silu_gate", "gelu_tanh_gate", "embedding_rows"):
+        orig_ops[op] = getattr(ops, op)
+        setattr(ops, op, timed(lambda *a, _op=op: _op, orig_ops[op]))
+    try:
+        engine.reset()
+        engine.prefill([1, 2])
+        times.clear()
+        tok = 3
+        t = time.perf_counter()
+        for _ in range(n_gen):
+            tok = int(np.argmax(engine.decode_one(tok)))
+        total = time.perf_counter() - t
+    finally:
+        model.linear = orig_linear
+        for op, fn in orig_ops.items():
+            setattr(ops, op, fn)
+        engine.reset()
+    out = {k: v / n_gen * 1e3 for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    # the timed calls never nest, so what is left is interpreter time
+    out["python"] = total / n_gen * 1e3 - sum(out.values())
+    out["total"] = total / n_gen * 1e3
+    return out

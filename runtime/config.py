@@ -95,6 +95,11 @@ class RuntimeConfig:
     n_ctx: int = 4096  # bounded by the model's training context at load
     n_batch: int = 512  # prompt tokens per forward pass
     backend: str | None = None  # kernel backend; None = the fastest available
+    cluster: tuple[str, ...] = ()  # workers' "host:port" (runtime/cluster); empty: this node alone
+    cluster_key: str | None = None  # pre-shared key file (`edgellm keygen`); needed off loopback
+    cluster_split: tuple[float, ...] = ()  # share weights: this node first, then each worker
+    cluster_timeout: float = 5.0  # seconds without an expected message before a node counts as lost
+    memory_budget: int | str | None = None  # bytes (or "400M", "1.5G") the process may use; None: all it needs
 
     def __post_init__(self):
         for k in ("threads", "n_ctx", "n_batch"):
@@ -105,3 +110,36 @@ class RuntimeConfig:
             raise ConfigError(f"threads must be at most 256, not {self.threads}")
         if self.n_batch > 4096:
             raise ConfigError(f"n_batch must be at most 4096, not {self.n_batch}")
+        _check_cluster(self)
+        _check_budget(self)
+
+
+def _check_cluster(c: RuntimeConfig) -> None:
+    nodes = (c.cluster,) if isinstance(c.cluster, str) else tuple(c.cluster or ())
+    for n in nodes:
+        host, _, port = n.rpartition(":") if isinstance(n, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"cluster must list 'host:port' addresses, not {n!r}")
+    split = tuple(c.cluster_split or ())
+    if split and (len(split) != len(nodes) + 1 or not all(isinstance(w, (int, float)) and w > 0 for w in split)):
+        raise ConfigError(f"cluster_split must be {len(nodes) + 1} positive weights (this node first), not {split!r}")
+    t = c.cluster_timeout
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.05 <= t <= 3600:
+        raise ConfigError(f"cluster_timeout must be 0.05..3600 seconds, not {t!r}")
+    object.__setattr__(c, "cluster", nodes)
+    object.__setattr__(c, "cluster_split", tuple(float(w) for w in split))
+
+
+def _check_budget(c: RuntimeConfig) -> None:
+    b = c.memory_budget
+    if b is None:
+        return
+    from ..offload.planner import parse_size
+
+    try:
+        n = parse_size(b) if isinstance(b, (int, str)) and not isinstance(b, bool) else None
+    except ValueError:
+        n = None
+    if n is None or n <= 0:
+        raise ConfigError(f"memory_budget must be a positive byte count or a size like '400M' or '1.5G', not {b!r}")
+    object.__setattr__(c, "memory_budget", n)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,11 +26,23 @@ from .kv_cache import RingCache
 from .model import model_class
 from .sampler import Sampler, SamplingParams, StopMatcher
 from .tokenizer import StreamDecoder, Tokenizer
+from ..offload import StreamingWeights
 from .weights import Weights
 
 
-def select_kernels(backend: str | None, threads: int):
-    """The ops module and linear factory, chosen once; numpy where numba cannot run."""
+def select_kernels(backend: str | None, threads: int, streaming: bool = False):
+    """The ops module and linear factory, chosen once; numpy where numba cannot run. Streamed
+    weights (a memory budget) need kernels that use a weight the moment its bytes arrive: the
+    GGUF-direct ones (backend "gguf"), for every weight so any budget gives the same outputs."""
+    backend = backend or None
+    if backend == "gguf" or (streaming and backend is None):
+        from ..kernels_cpu import ops, qmatmul_gguf
+
+        qmatmul_gguf.set_threads(threads)
+        return ops, partial(partial, qmatmul_gguf.matmul), f"{qmatmul_gguf.describe()}; ops: ops"
+    if streaming:
+        raise EdgeLLMError(f"backend '{backend}' packs every weight before use (~30-120 ms a layer) and cannot "
+                           "stream it; under a memory budget use the default backend ('gguf')")
     from ..kernels_cpu import linear
 
     linear.set_threads(threads)
@@ -75,6 +87,10 @@ class Stats:
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
     peak_rss_bytes: int = 0
     ids: list[int] = field(default_factory=list)
+    compute_s: float = 0.0  # time in forward passes not spent waiting for streamed weights
+    io_wait_s: float = 0.0  # time waiting for streamed weights (0 without a memory budget)
+    bytes_read: int = 0  # weight bytes read from disk by those passes
+    steps: list[dict] = field(default_factory=list)  # per forward pass: tokens, compute_s, io_wait_s, bytes_read
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -90,20 +106,34 @@ class Engine:
         self.path = Path(path)
         self.rcfg = rcfg
         self.file = GGUFFile(path)
+        self.weights = None  # the weight store (None for a cluster)
         try:
             arch = self.file.metadata.get("general.architecture")
             cls = model_class(arch)
             self.config = cls.config(self.file)
             self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
-            self.ops, make_linear, self.backend = select_kernels(rcfg.backend, rcfg.threads)
-            weights = Weights(self.file, make_linear)
-            self.model = cls(self.config, rcfg, weights, self.ops)
-            weights.load_all()
+            self.plan, units = self._plan(rcfg)  # a memory budget: offload/ streams what does not fit
+            if self.plan is not None:
+                rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
+            self.ops, make_linear, self.backend = select_kernels(rcfg.backend, rcfg.threads, self.plan is not None)
+            if rcfg.cluster:  # tensor parallel over the LAN: runtime/cluster shards the model from outside
+                from .cluster import ClusterModel
+
+                self.model = ClusterModel(self.path, self.file, cls, self.config, rcfg, self.ops, make_linear)
+            else:
+                weights = (StreamingWeights(self.file, self.plan, units, make_linear) if self.plan is not None
+                           else Weights(self.file, make_linear))
+                self.weights = weights
+                self.model = cls(self.config, rcfg, weights, self.ops)
+                weights.load_all()
         except BaseException:
+            if hasattr(self.weights, "close"):
+                self.weights.close()
             self.file.close()
             raise
         self.n_ctx = self.model.n_ctx
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
+        self.n_written = 0  # highest position + 1 written since reset (an interrupted pass writes some)
         self.stats = Stats()
 
     @classmethod
@@ -113,12 +143,31 @@ class Engine:
         return cls(resolve(model, progress=progress), rcfg or RuntimeConfig())
 
     def close(self) -> None:
+        if hasattr(self.model, "close"):  # a cluster says goodbye to its workers
+            self.model.close()
+        if hasattr(self.weights, "close"):  # a streaming store stops its I/O threads
+            self.weights.close()
         self.file.close()
+
+    def _plan(self, rcfg: RuntimeConfig):
+        """(plan, units) when weights must stream (a budget, or a model larger than the memory
+        left), else (None, None)."""
+        if rcfg.cluster:
+            return None, None
+        from .. import offload
+
+        budget = rcfg.memory_budget
+        if budget is None:
+            budget = offload.auto_budget(self.file, self.config, rcfg.n_ctx, rcfg.n_batch)
+        if budget is None:
+            return None, None
+        return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.threads, budget)
 
     # --- the forward passes ---
 
     def reset(self) -> None:
         self.tokens = []
+        self.n_written = 0
 
     def _reusable(self, ids: Sequence[int]) -> int:
         """How many leading tokens of `ids` the KV cache already holds (leaving one to evaluate)."""
@@ -129,7 +178,7 @@ class Engine:
             n += 1
         n = min(n, len(ids) - 1)
         for c in self.model.caches:
-            if isinstance(c, RingCache) and c.ring and not c.can_rewind_to(n, len(self.tokens)):
+            if isinstance(c, RingCache) and c.ring and not c.can_rewind_to(n, self.n_written):
                 return 0
         return max(n, 0)
 
@@ -146,17 +195,37 @@ class Engine:
         for s in range(keep, len(ids), self.rcfg.n_batch):
             batch = ids[s : s + self.rcfg.n_batch]
             last = s + len(batch) == len(ids)
-            logits = self.model.forward(np.asarray(batch), s, all_logits=all_logits)
+            self.n_written = max(self.n_written, s + len(batch))
+            logits = self._forward(np.asarray(batch), s, all_logits)
             self.tokens.extend(batch)
             if all_logits or last:
                 out.append(logits)
         return np.concatenate(out) if all_logits else out[-1][-1]
 
+    def _forward(self, ids: np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
+        """model.forward, with telemetry: compute time, time waiting for streamed weights, bytes read."""
+        tel = getattr(self.weights, "telemetry", None)
+        before = tel if tel is None else dict(tel)
+        t0 = time.perf_counter()
+        logits = self.model.forward(ids, start, all_logits=all_logits)
+        wall = time.perf_counter() - t0
+        after = self.weights.telemetry if tel is not None else None
+        io = after["io_wait_s"] - before["io_wait_s"] if after else 0.0
+        step = {"tokens": int(ids.shape[0]), "compute_s": wall - io, "io_wait_s": io,
+                "bytes_read": after["bytes_read"] - before["bytes_read"] if after else 0}
+        st = self.stats
+        st.steps.append(step)
+        st.compute_s += step["compute_s"]
+        st.io_wait_s += io
+        st.bytes_read += step["bytes_read"]
+        return logits
+
     def decode_one(self, token: int) -> np.ndarray:
         """Append one token; logits (n_vocab,) for the next."""
         if len(self.tokens) >= self.n_ctx:
             raise EdgeLLMError(f"context full ({self.n_ctx} tokens)")
-        logits = self.model.forward(np.asarray([token]), len(self.tokens))
+        self.n_written = max(self.n_written, len(self.tokens) + 1)
+        logits = self._forward(np.asarray([token]), len(self.tokens))
         self.tokens.append(token)
         return logits[-1]
 

@@ -1,0 +1,360 @@
+"""The Python library API: `edgellm.load(model) -> LLM`.
+
+    import edgellm
+    with edgellm.load("gemma3-270m", threads=4) as llm:
+        print(llm.generate("The capital of France is", temperature=0, max_tokens=16))
+        print(llm.chat([{"role": "user", "content": "Hi!"}]))
+        for ev in llm.stream_chat([{"role": "user", "content": "Tell me a joke"}]):
+            print(ev.text, end="", flush=True)
+        r = llm.create_chat_completion([{"role": "user", "content": "Hi"}])   # OpenAI-shaped dict
+        r["choices"][0]["message"]["content"]
+
+Sampling keywords are `SamplingParams`' fields and their usual aliases (`temp`, `max_new_tokens`,
+`repetition_penalty`, ...). `max_tokens=None` (or 0, as llama-cpp-python) means "until the end of
+generation or a full context". One lock serialises calls: a web app's handlers may share one `LLM`;
+a stream holds the lock until it is exhausted or closed. Later turns of a chat reuse the KV cache
+of the common prefix, so only the new tokens are processed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from ..loaders.store import DEFAULT_MODEL
+from .chat_template import ChatTemplate
+from .config import ConfigError, RuntimeConfig
+from .engine import Engine, Event
+from .sampler import SamplingParams
+
+
+class InvalidArgument(EdgeLLMError, ValueError):
+    """A call to the Python API got a bad argument; the message names it."""
+
+
+_LATER = {"memory_budget"}  # settings validated now, used once weight streaming lands
+
+
+def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LLM":
+    """Load a catalog model (fetched on first use) or a GGUF file into an `LLM`.
+
+    Settings are `RuntimeConfig`'s fields: `threads`, `ctx` (or `n_ctx`), `n_batch`, `backend`, `cluster`
+    (a list of "host:port" workers), `cluster_key`, ...; and `memory_budget` (bytes, or a size such as
+    "2GB"; validated, not used yet). Unknown or bad settings raise `ValueError` naming them.
+    `progress(stage, done_bytes, total_bytes)` is called while a catalog model is downloaded.
+    """
+    rcfg = _runtime_config(settings)
+    return LLM(Engine.load(str(model), rcfg, progress=progress), str(model))
+
+
+def _runtime_config(settings: dict) -> RuntimeConfig:
+    known = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    unknown = sorted(set(settings) - known - _LATER - {"ctx"})
+    if unknown:
+        raise InvalidArgument(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(sorted(known | _LATER | {'ctx'}))}")
+    kw = dict(settings)
+    if "ctx" in kw:
+        if "n_ctx" in kw:
+            raise InvalidArgument("give ctx or n_ctx, not both")
+        kw["n_ctx"] = kw.pop("ctx")
+    if "memory_budget" in kw:
+        kw["memory_budget"] = _budget_bytes(kw["memory_budget"])
+    for k in _LATER - known:
+        if kw.pop(k, None) is not None:
+            warnings.warn(f"edgellm: the {k} setting is accepted but not implemented yet; ignored", stacklevel=3)
+    try:
+        return RuntimeConfig(**kw)
+    except ConfigError as e:  # names the setting; a ValueError like every other bad argument here
+        raise InvalidArgument(str(e)) from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _budget_bytes(v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", v)
+        if m and m.group(2).lower() in _UNITS:
+            v = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise InvalidArgument(f"memory_budget must be a positive number of bytes or a size like '2GB', not {v!r}")
+    return v
+
+
+class LLM:
+    """A loaded model with generation, chat and llama-cpp-python-compatible completion calls.
+    Build it with `edgellm.load`; close it (or use `with`) to release the model file."""
+
+    def __init__(self, engine: Engine, name: str):
+        self._engine = engine
+        self.model = name                      # the name or path it was loaded from
+        self.tokenizer = engine.tokenizer
+        self.n_ctx = engine.n_ctx              # context length in tokens
+        self._template: ChatTemplate | None = None
+        self._lock = threading.Lock()
+        self._owner: int | None = None         # thread id holding the lock
+        self._closed = False
+
+    # --- properties ---
+
+    @property
+    def metadata(self) -> dict:
+        """The GGUF file's metadata."""
+        return self._engine.file.metadata
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template (the file's own, or a built-in fallback), compiled on first use."""
+        if self._template is None:
+            self._template = ChatTemplate.for_model(self.metadata, self.tokenizer)
+        return self._template
+
+    @property
+    def stats(self):
+        """Timings of the last generation (`Stats`: prompt/generated tokens, tokens/s, time to first token)."""
+        return self._engine.stats
+
+    @property
+    def info(self) -> dict:
+        """Architecture, layers, context, kernels and threads in use."""
+        cfg, r = self._engine.config, self._engine.rcfg
+        return {"model": self.model, "path": str(self._engine.path), "architecture": cfg.arch,
+                "layers": cfg.n_layer, "n_ctx": self.n_ctx, "threads": r.threads, "kernels": self._engine.backend}
+
+    # --- tokens ---
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text`; `add_bos` adds the model's BOS/EOS, `special` parses control tokens."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if not isinstance(text, str):
+            raise InvalidArgument(f"text must be str or bytes, not {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of token ids; control tokens are written out only when `special`."""
+        return self.tokenizer.decode(self._check_ids(tokens, "tokens"), special=special)
+
+    # --- generation ---
+
+    def generate(self, prompt: str | Sequence[int], **sampling) -> str:
+        """The continuation of `prompt` (text, or token ids) as one string."""
+        return "".join(ev.text for ev in self.stream(prompt, **sampling))
+
+    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[Event]:
+        """Events (`token`, `text` piece, `tokens_per_s` so far, `finish_reason` on the last) as
+        tokens are generated. Arguments are checked now; close the iterator to stop early."""
+        return self._events(self._prompt_ids(prompt), self._params(sampling))
+
+    def chat(self, messages: Sequence[Mapping], **sampling) -> str:
+        """The assistant's reply to `messages` (dicts with `role` and `content`), rendered with the
+        model's chat template."""
+        return "".join(ev.text for ev in self.stream_chat(messages, **sampling))
+
+    def stream_chat(self, messages: Sequence[Mapping], **sampling) -> Iterator[Event]:
+        """The assistant's reply to `messages` as `Event`s, like `stream`."""
+        ids = self._prompt_ids(self.chat_ids(messages))
+        return self._events(ids, self._params(sampling, self.chat_template.stop))
+
+    def chat_ids(self, messages: Sequence[Mapping]) -> list[int]:
+        """Token ids of `messages` rendered with the chat template, ending with the assistant's turn."""
+        tpl = self.chat_template
+        return tpl.encode(self.tokenizer, tpl.render(_check_messages(messages)))
+
+    # --- llama-cpp-python compatible ---
+
+    def create_completion(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,
+                          model: str | None = None, **sampling):
+        """llama-cpp-python's `create_completion` (`max_tokens` defaults to 16 as there): an OpenAI
+        `text_completion` dict, or with `stream=True` an iterator of chunks (`choices[0]["text"]`)."""
+        ids = self._prompt_ids(prompt)
+        events = self._events(ids, self._params(sampling, default_max=16))
+        head = self._head("cmpl", "text_completion", model)
+        pre = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
+
+        def choice(text, reason):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        if stream:
+            return self._chunks(events, head, lambda t, r: [choice(t, r)], pre)
+        text, reason, n = self._drain(events)
+        return {**head, "choices": [choice(pre + text, reason)], "usage": _usage(len(ids), n)}
+
+    def create_chat_completion(self, messages: Sequence[Mapping], *, stream: bool = False,
+                               model: str | None = None, **sampling):
+        """llama-cpp-python's `create_chat_completion`: an OpenAI `chat.completion` dict
+        (`choices[0]["message"]["content"]`, `usage`), or with `stream=True` an iterator of
+        `chat.completion.chunk` dicts (`choices[0]["delta"]`)."""
+        ids = self._prompt_ids(self.chat_ids(messages))
+        events = self._events(ids, self._params(sampling, self.chat_template.stop))
+        if stream:
+            head = self._head("chatcmpl", "chat.completion.chunk", model)
+
+            def delta(text, reason):
+                d = {} if reason else {"content": text}
+                return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]
+
+            first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                          "finish_reason": None}]}
+            return self._chunks(events, head, delta, first=first)
+        text, reason, n = self._drain(events)
+        msg = {"role": "assistant", "content": text}
+        return {**self._head("chatcmpl", "chat.completion", model),
+                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": reason}],
+                "usage": _usage(len(ids), n)}
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next call processes its whole prompt. (Greedy outputs can differ
+        at near-ties between a prompt processed whole and one that reuses a cached prefix.)"""
+        self._check_thread()
+        with self._lock:
+            self._engine.reset()
+
+    # --- life cycle ---
+
+    def close(self) -> None:
+        """Release the model; later calls raise. Waits for a generation running in another thread."""
+        if self._closed:
+            return
+        mine = self._owner == threading.get_ident()
+        if not mine:
+            self._lock.acquire()
+        try:
+            self._closed = True
+            self._engine.close()
+        finally:
+            if not mine:
+                self._lock.release()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LLM({self.model!r}, n_ctx={self.n_ctx}{', closed' if self._closed else ''})"
+
+    # --- internals ---
+
+    def _events(self, ids: list[int], params: SamplingParams) -> Iterator[Event]:
+        """Generate under the lock, taken at the first step and released when done or closed."""
+        self._check_thread()
+        started = False
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                if self._closed:
+                    raise EdgeLLMError("this LLM is closed")
+                for ev in self._engine.generate(ids, params):
+                    started = True
+                    yield ev
+            except BaseException as e:
+                if not started and not isinstance(e, GeneratorExit):
+                    self._engine.reset()  # interrupted mid-prefill: cache rows past engine.tokens may be torn
+                raise
+            finally:
+                self._owner = None
+
+    def _check_thread(self) -> None:
+        if self._owner == threading.get_ident():  # waiting for the lock would wait forever
+            raise EdgeLLMError("another generation of this LLM is still open in this thread; "
+                               "finish or close it first")
+
+    def _params(self, kw: dict, stop: tuple[str, ...] = (), default_max: int | None = None) -> SamplingParams:
+        kw = dict(kw)
+        aliases = ("max_tokens", "max_new_tokens", "n_predict")
+        if default_max is not None and not any(a in kw for a in aliases):
+            kw["max_tokens"] = default_max
+        for alias in aliases:
+            if alias in kw:
+                v = kw[alias]
+                if v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 0):
+                    kw[alias] = -1
+                elif not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise InvalidArgument(f"{alias} must be a positive integer or None (no limit), not {v!r}")
+        if stop:
+            given = kw.pop("stop", None) or ()
+            kw["stop"] = ((given,) if isinstance(given, str) else tuple(given)) + stop
+        return SamplingParams.from_kwargs(**kw)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, bytes):
+            ids = self.tokenizer.encode(prompt.decode("utf-8", "replace"))
+        else:
+            ids = self._check_ids(prompt, "prompt")
+        if not ids:
+            raise InvalidArgument("prompt is empty")
+        if len(ids) >= self.n_ctx:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
+                                  f"(load with a larger ctx, or shorten the prompt)")
+        return ids
+
+    def _check_ids(self, ids, name: str) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidArgument(f"{name} must be text or a list of token ids, not {type(ids).__name__}")
+        n = self.tokenizer.n_vocab
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
+                raise InvalidArgument(f"{name} holds {t!r}, not a token id in [0, {n})")
+        return list(ids)
+
+    def _head(self, prefix: str, obj: str, model: str | None) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
+                "model": model or self.model}
+
+    def _drain(self, events: Iterator[Event]) -> tuple[str, str | None, int]:
+        pieces, reason, n = [], None, 0
+        for ev in events:
+            pieces.append(ev.text)
+            reason = ev.finish_reason
+            n += not (reason == "stop" and self.tokenizer.is_eog(ev.token))
+        return "".join(pieces), reason, n
+
+    @staticmethod
+    def _chunks(events, head, choices, pre: str = "", first: dict | None = None):
+        with contextlib.closing(events):
+            if first:
+                yield first
+            if pre:
+                yield {**head, "choices": choices(pre, None)}
+            for ev in events:
+                if ev.text:
+                    yield {**head, "choices": choices(ev.text, None)}
+                if ev.finish_reason:
+                    yield {**head, "choices": choices("", ev.finish_reason)}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _check_messages(messages) -> list[dict]:
+    """Messages as dicts with string `role` and `content`; OpenAI's list-of-parts content is joined."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidArgument("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise InvalidArgument(f"messages[{i}] must be a dict with a string 'role'")
+        c = m.get("content")
+        if isinstance(c, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in c):
+            c = "".join(str(p.get("text", "")) for p in c)
+        if c is not None and not isinstance(c, str):
+            raise InvalidArgument(f"messages[{i}]['content'] must be a string, not {type(c).__name__}")
+        out.append({**m, "content": c if c is not None else ""})
+    return out

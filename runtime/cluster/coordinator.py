@@ -1,0 +1,329 @@
+"""The coordinating node: a Model stand-in (forward, caches, n_ctx) that runs one shard itself and
+drives the workers.
+
+A forward pass: embed the tokens, send them (STEP) to every worker, run this node's layers with
+`reduce` replaced by a star all-reduce (gather each worker's PARTIAL, add, send the SUM back: one
+round trip), compute this node's vocabulary rows and gather the workers' (LOGITS).
+
+Faults: every wait has a deadline (`cluster_timeout`). A worker that errs, closes or stays silent
+raises NodeFailure; the coordinator logs which node and why, re-plans over the nodes left (each
+reloads from its own file, or is sent only the pieces it lacks), re-prefills the tokens so far
+and runs the pass again. If the nodes left cannot hold the model, the request fails with a
+ClusterError saying so; the next request tries every configured node again.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import numpy as np
+
+from ...errors import EdgeLLMError
+from ...loaders.gguf import GGUFFile
+from . import wire
+from .plan import local_config, make_plan
+from .replica import digest_of, piece_bytes
+from .shard import ShardedWeights, read_columns
+from .wire import (BYE, INFO, LOGITS, NEED, OPEN, PARTIAL, PIECE, PLAN, PROGRESS, READY, STEP, SUM,
+                   ClusterError, array)
+from .worker import INFO_S, OPEN_S, PIECE_S, PLAN_S, PROBE, READY_S, ROWS_S, STEP_S, step_limit
+
+log = logging.getLogger("edgellm.cluster")
+
+
+class NodeFailure(Exception):
+    def __init__(self, peer: "Peer", why: str):
+        super().__init__(f"{peer.name}: {why}")
+        self.peer, self.why = peer, why
+
+
+class Peer:
+    def __init__(self, address: str, index: int):
+        self.host, self.port = wire.parse_address(address)
+        self.address, self.index = address, index
+        self.name = f"node {index} ({address})"
+        self.ch: wire.Channel | None = None
+        self.has = self.budget = self.threads = self.weight_bytes = 0
+        self.shard = None
+
+    def close(self) -> None:
+        if self.ch is not None:
+            self.ch.close()
+            self.ch = None
+
+
+class ClusterModel:
+    def __init__(self, path, f: GGUFFile, cls, cfg, rcfg, ops, make_linear):
+        self.f, self.cls, self.cfg, self.rcfg = f, cls, cfg, rcfg
+        self.ops, self.make_linear = ops, make_linear
+        self.digest = bytes.fromhex(digest_of(path))
+        self.key = wire.load_key(rcfg.cluster_key)
+        self.timeout = float(rcfg.cluster_timeout)
+        self.peers = [Peer(a, i + 1) for i, a in enumerate(rcfg.cluster)]
+        split = list(rcfg.cluster_split) or [1.0] * (len(self.peers) + 1)
+        if len(split) != len(self.peers) + 1:
+            raise ClusterError(f"--split has {len(split)} weights for {len(self.peers) + 1} nodes "
+                               "(the coordinator first, then each --cluster node)")
+        self.split = split
+        self.budget = getattr(rcfg, "memory_budget", None)
+        self.n_ctx = min(rcfg.n_ctx, cfg.n_ctx_train)
+        self.cache: dict = {}  # this node's packed weights, kept across re-plans
+        self.history: list[int] = []  # the token at each position of the KV caches
+        self.live: list[Peer] = []
+        self.local = None
+        self.comm_s, self.n_reduce = 0.0, 0
+        self.events: list[str] = []
+        self._setup(self.peers, strict=True)
+
+    # --- the Model interface the engine uses ---
+
+    @property
+    def caches(self):
+        return self.local.caches if self.local is not None else []
+
+    def forward(self, ids, start: int, all_logits: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if start + ids.shape[0] > self.n_ctx:
+            raise EdgeLLMError(f"context full: {start + ids.shape[0]} tokens exceed the context of {self.n_ctx}")
+        if start > len(self.history):
+            raise EdgeLLMError(f"forward at position {start} but only {len(self.history)} tokens are cached")
+        replay = False
+        for _ in range(len(self.peers) + 2):
+            try:
+                if self.local is None:  # a re-plan failed earlier: try every configured node again
+                    self._setup(self.peers, strict=False)
+                    replay = True
+                if replay:
+                    self._replay(start)
+                    replay = False
+                logits = self._forward(ids, start, all_logits)
+                del self.history[start:]
+                self.history.extend(ids.tolist())
+                return logits
+            except NodeFailure as e:
+                self._lost(e)
+                replay = True
+        raise ClusterError("the cluster keeps losing nodes; giving up on this request")
+
+    def close(self) -> None:
+        for p in self.live:
+            if p.ch is not None:
+                try:
+                    p.ch.send(BYE, timeout=1.0)
+                except wire.ClusterError:
+                    pass
+            p.close()
+        self.live = []
+
+    # --- setup and re-planning ---
+
+    def _setup(self, peers: list[Peer], strict: bool) -> None:
+        self.close()
+        self.local = None
+        peers = list(peers)
+        while True:
+            try:
+                return self._try_setup(peers)
+            except BaseException as e:
+                for p in peers:
+                    p.close()
+                if not isinstance(e, NodeFailure):
+                    raise
+                if strict:
+                    raise ClusterError(f"cannot set up the cluster: {e}") from None
+                self._note(f"{e}; leaving it out")
+                peers.remove(e.peer)
+
+    def _try_setup(self, peers: list[Peer]) -> None:
+        f, cfg, rc = self.f, self.cfg, self.rcfg
+        opened = OPEN_S.pack(self.digest, f.file_size, self.n_ctx, rc.n_batch, int(self.timeout * 1000),
+                             (rc.backend or "").encode("ascii")[:16])
+        header = None
+        for p in peers:
+            self._connect(p)
+            self._send(p, OPEN, opened)
+            _, pl = self._recv(p, (INFO,))
+            if len(pl) != INFO_S.size:
+                raise NodeFailure(p, "malformed INFO")
+            p.has, p.budget, p.threads = INFO_S.unpack(pl)
+            p.ch.set_limit(PIECE_S.size + wire.PIECE_CHUNK)
+            if p.has == 0:  # no copy of the model at all: send the GGUF header first
+                if header is None:
+                    with open(f.path, "rb") as fh:
+                        header = memoryview(fh.read(f.data_offset))
+                self._send_piece(p, -1, 0, 0, f.data_offset, header)
+        weights = [self.split[0]] + [self.split[p.index] for p in peers]
+        budgets = [self.budget] + [p.budget or None for p in peers]
+        plan = make_plan(cfg, f, weights, budgets, self.n_ctx, rc.n_batch,
+                         names=["the coordinator"] + [p.name for p in peers])
+        h = plan.digest(self.digest, self.n_ctx, rc.n_batch)
+        table = plan.table().astype("<i8")
+        for r, p in enumerate(peers, 1):
+            p.shard = plan.nodes[r]
+            self._send(p, PLAN, PLAN_S.pack(r, len(plan.nodes), h), table)
+        names = list(f.tensors)
+        for p in peers:
+            _, pl = self._recv(p, (NEED,))
+            if len(pl) % 32:
+                raise NodeFailure(p, "malformed NEED")
+            for i, axis, lo, hi in array(pl, np.int64, (len(pl) // 32, 4)).tolist():
+                self._serve_piece(p, names, i, axis, lo, hi)
+        store = ShardedWeights(f, cfg, plan.nodes[0], 0, self.make_linear, self.cache)
+        local = self.cls(local_config(cfg, plan.nodes[0]), rc, store, self.ops)
+        store.load_all()
+        for p in peers:
+            while True:  # PROGRESS frames while the worker packs; each one restarts the deadline
+                t, pl = self._recv(p, (PROGRESS, READY))
+                if t == READY:
+                    break
+            if len(pl) != READY_S.size or READY_S.unpack(pl)[0] != h:
+                raise NodeFailure(p, "acknowledged another plan")
+            p.weight_bytes = READY_S.unpack(pl)[1]
+            p.ch.set_limit(step_limit(rc.n_batch, cfg.n_embd, p.shard.v1 - p.shard.v0))
+        local.reduce = self._allreduce
+        self.local, self.plan, self.live, self.weight_bytes = local, plan, peers, store.weight_bytes
+        log.info("cluster of %d nodes ready: %s", len(plan.nodes),
+                 "; ".join(f"{n}: heads [{s.h0}, {s.h1}) FFN [{s.f0}, {s.f1}) vocab [{s.v0}, {s.v1})"
+                           for n, s in zip(["coordinator"] + [p.name for p in peers], plan.nodes)))
+
+    def _connect(self, p: Peer) -> None:
+        p.close()
+        try:
+            sock = socket.create_connection((p.host, p.port), timeout=self.timeout)
+        except OSError as e:
+            raise NodeFailure(p, f"cannot connect: {e.strerror or e}") from None
+        try:
+            wire.tune(sock)
+            p.ch = wire.handshake_coordinator(sock, self.key, max(self.timeout, 2.0))
+        except (wire.ClusterError, OSError) as e:
+            sock.close()
+            raise NodeFailure(p, str(e)) from None
+
+    def _serve_piece(self, p: Peer, names: list[str], i: int, axis: int, lo: int, hi: int) -> None:
+        t = self.f.info(names[i]) if 0 <= i < len(names) else None
+        if t is None or axis not in (0, 1) or (axis == 1 and len(t.shape) == 1):
+            raise NodeFailure(p, "asked for a piece that does not exist")
+        limit = (t.n_rows if len(t.shape) > 1 else 1) if axis == 0 else t.shape[0] // t.type.block_size
+        if not 0 <= lo < hi <= limit:
+            raise NodeFailure(p, "asked for a piece that does not exist")
+        if axis == 0:
+            row = t.row_bytes if len(t.shape) > 1 else t.nbytes
+            data = memoryview(self.f.raw(names[i]))[lo * row:hi * row]
+        else:
+            data = memoryview(read_columns(self.f.path, t, lo, hi)).cast("B")
+        assert len(data) == piece_bytes(t, axis, lo, hi)
+        self._send_piece(p, i, axis, lo, hi, data)
+
+    def _send_piece(self, p: Peer, i: int, axis: int, lo: int, hi: int, data: memoryview) -> None:
+        n = len(data)
+        for at in range(0, n, wire.PIECE_CHUNK):
+            self._send(p, PIECE, PIECE_S.pack(i, axis, lo, hi, at, n), data[at:at + wire.PIECE_CHUNK])
+
+    def _lost(self, e: NodeFailure) -> None:
+        left = [p for p in self.live if p is not e.peer]
+        self._note(f"lost {e}; re-planning over {len(left) + 1} node{'s' * bool(left)}")
+        e.peer.close()
+        try:
+            self._setup(left, strict=False)
+        except ClusterError as err:
+            raise ClusterError(f"lost {e}, and {err}") from None
+
+    def _replay(self, start: int) -> None:
+        """Rebuild the new shards' KV caches: re-prefill the tokens before `start`."""
+        n = self.rcfg.n_batch
+        for s in range(0, start, n):
+            self._forward(np.asarray(self.history[s:min(start, s + n)], np.int64), s, False)
+
+    def _note(self, msg: str) -> None:
+        self.events.append(msg)
+        log.warning("cluster: %s", msg)
+
+    def probe(self, n_reduce: int, T: int = 1) -> float:
+        """Seconds for one STEP and `n_reduce` all-reduces of (T, n_embd) zeros with no model work
+        on any node: the network's and the protocol's share of a forward pass (bench/cluster.py)."""
+        x = np.zeros((T, self.cfg.n_embd), np.float32)  # (T, n_embd); partial sums of zeros stay zeros
+        saved = self.comm_s, self.n_reduce
+        t0 = time.perf_counter()
+        for p in self.live:
+            self._send(p, STEP, STEP_S.pack(n_reduce, T, PROBE, 0), x)
+        for _ in range(n_reduce):
+            self._allreduce(x)
+        dt = time.perf_counter() - t0
+        self.comm_s, self.n_reduce = saved
+        return dt
+
+    # --- the forward pass ---
+
+    def _forward(self, ids: np.ndarray, start: int, all_logits: bool) -> np.ndarray:
+        m = self.local
+        x = np.ascontiguousarray(m.embed(ids), np.float32)  # (T, n_embd)
+        T = x.shape[0]
+        hdr = STEP_S.pack(start, T, int(all_logits), 0)
+        t0 = time.perf_counter()
+        for p in self.live:
+            self._send(p, STEP, hdr, x)
+        self.comm_s += time.perf_counter() - t0
+        positions = np.arange(start, start + T, dtype=np.int64)
+        for i in range(self.cfg.n_layer):
+            x = m.block(i, x, positions)
+        mine = m.head(x if all_logits else x[-1:])  # (rows, vocabulary rows of node 0)
+        return self._gather(mine)
+
+    def _allreduce(self, x: np.ndarray) -> np.ndarray:
+        """Star all-reduce: the workers' partial sums are added to this node's, the total sent back."""
+        t0 = time.perf_counter()
+        x = np.ascontiguousarray(x, np.float32)  # (T, n_embd)
+        deadline = time.monotonic() + self.timeout
+        for p in self.live:
+            _, pl = self._recv(p, (PARTIAL,), deadline)
+            x += self._array(p, pl, x.shape)
+        for p in self.live:
+            self._send(p, SUM, x)
+        self.comm_s += time.perf_counter() - t0
+        self.n_reduce += 1
+        return x
+
+    def _gather(self, mine: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        R = mine.shape[0]
+        out = np.empty((R, self.cfg.n_vocab), np.float32)  # (rows, n_vocab)
+        s0 = self.plan.nodes[0]
+        out[:, s0.v0:s0.v1] = mine
+        deadline = time.monotonic() + self.timeout
+        for p in self.live:
+            v0, v1 = p.shard.v0, p.shard.v1
+            r = 0
+            while r < R:
+                _, pl = self._recv(p, (LOGITS,), deadline)
+                try:
+                    r0, n = wire.unpack(ROWS_S, pl)
+                except wire.ProtocolError as e:
+                    raise NodeFailure(p, str(e)) from None
+                if r0 != r or not 1 <= n <= R - r:
+                    raise NodeFailure(p, "sent logits out of order")
+                out[r:r + n, v0:v1] = self._array(p, pl, (n, v1 - v0), ROWS_S.size)
+                r += n
+        self.comm_s += time.perf_counter() - t0
+        return out
+
+    # --- messages, every failure pinned on its node ---
+
+    def _send(self, p: Peer, mtype: int, *parts) -> None:
+        try:
+            p.ch.send(mtype, *parts, timeout=self.timeout)
+        except wire.ClusterError as e:
+            raise NodeFailure(p, str(e)) from None
+
+    def _recv(self, p: Peer, expect, deadline: float | None = None):
+        try:
+            return p.ch.recv(deadline or time.monotonic() + self.timeout, expect)
+        except wire.ClusterError as e:
+            raise NodeFailure(p, str(e)) from None
+
+    @staticmethod
+    def _array(p: Peer, payload, shape, offset: int = 0) -> np.ndarray:
+        try:
+            return array(payload, np.float32, shape, offset)
+        except wire.ProtocolError as e:
+            raise NodeFailure(p, str(e)) from None

@@ -1,0 +1,308 @@
+"""Shard plans: which rows and columns of every weight each node holds.
+
+Node i holds query heads [h0, h1), FFN neurons [f0, f1) and vocabulary rows [v0, v1):
+
+| tensor                              | split            | node i holds                                  |
+|-------------------------------------|------------------|-----------------------------------------------|
+| attn_q (and its bias)               | rows             | heads h0..h1 (head_dim rows each)             |
+| attn_k, attn_v (and biases)         | rows             | the KV heads those query heads use            |
+| attn_output                         | columns          | heads h0..h1 (head_dim_v columns each)        |
+| ffn_gate, ffn_up                    | rows             | neurons f0..f1                                |
+| ffn_down                            | columns          | neurons f0..f1                                |
+| output (token_embd when tied)       | rows             | vocabulary v0..v1                             |
+| norms, column-split biases          | replicated / once| all of it (biases of column splits: node 0)   |
+
+Heads: boundaries follow the share weights, chosen (dynamic programming) so that each node's heads
+use their KV heads evenly; then the node keeps those KV heads (replicated across nodes that share
+them) and its local config has n_head_kv = that count. If no such split exists, a node keeps one
+copy of the KV head per query head (exact, costs KV memory). FFN: boundaries on multiples of
+ffn_down's quant block (256 for K-quants) whenever there are at least as many blocks as nodes.
+A column range that still ends inside a quant block (e.g. 3 heads of 128 in Q4_K's 256-element
+blocks) is stored as the whole blocks that cover it, and the node's activations are placed into a
+zero-filled vector of that width: the other node's columns are multiplied by exact zeros, so the
+product is exact (the only cost is the duplicated partial block). Vocabulary rows are fine-grained,
+so they are split last to balance each node's bytes against its share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...loaders.gguf import GGUFFile, TensorInfo
+from ..config import ModelConfig
+from .wire import VERSION, ClusterError
+
+FIELDS = 6  # h0, h1, f0, f1, v0, v1
+ROW = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "ffn_gate": "f", "ffn_up": "f"}
+COL = {"attn_output": "o", "ffn_down": "d"}
+
+
+@dataclass(frozen=True)
+class NodeShard:
+    h0: int
+    h1: int
+    f0: int
+    f1: int
+    v0: int
+    v1: int
+
+
+@dataclass(frozen=True)
+class Slice:
+    """What a node keeps of one tensor. axis 0: row ranges; axis 1: ranges of quant blocks of every
+    row, with `pad` = (zero columns before, after) the node's own columns inside those blocks."""
+
+    axis: int
+    ranges: tuple[tuple[int, int], ...]
+    pad: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: tuple[NodeShard, ...]
+
+    def table(self) -> np.ndarray:
+        return np.array([dataclasses.astuple(n) for n in self.nodes], np.int64).reshape(-1, FIELDS)
+
+    @staticmethod
+    def from_table(t: np.ndarray) -> "Plan":
+        return Plan(tuple(NodeShard(*map(int, row)) for row in t))
+
+    def digest(self, model_digest: bytes, n_ctx: int, n_batch: int) -> bytes:
+        """Binds protocol version, model hash, every node's shard and the context sizes."""
+        h = hashlib.sha256(b"edgellm-plan" + struct.pack("<HII", VERSION, n_ctx, n_batch) + model_digest)
+        h.update(self.table().astype("<i8").tobytes())
+        return h.digest()
+
+
+# ---- per node: KV heads, local config, tensor slices ----------------------------------------------
+
+def kv_map(cfg: ModelConfig, h0: int, h1: int) -> tuple[int, ...]:
+    """The global KV head behind each local KV head of query heads [h0, h1)."""
+    g = cfg.n_head // cfg.n_head_kv
+    groups = [h // g for h in range(h0, h1)]
+    counts = {k: groups.count(k) for k in groups}
+    if len(set(counts.values())) == 1:
+        return tuple(sorted(counts))  # each KV head serves the same number of local query heads
+    return tuple(groups)  # uneven: one KV copy per query head (local group size 1)
+
+
+def local_config(cfg: ModelConfig, s: NodeShard) -> ModelConfig:
+    return dataclasses.replace(cfg, n_head=s.h1 - s.h0, n_head_kv=len(kv_map(cfg, s.h0, s.h1)),
+                               n_ff=s.f1 - s.f0, n_vocab=s.v1 - s.v0)
+
+
+def output_name(f: GGUFFile) -> str:
+    return "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+
+
+def _merge(ranges) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+def _cols(t: TensorInfo, c0: int, c1: int) -> Slice:
+    bs = t.type.block_size
+    b0, b1 = c0 // bs, -(-c1 // bs)
+    return Slice(1, ((b0, b1),), (c0 - b0 * bs, b1 * bs - c1))
+
+
+def tensor_slice(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int, name: str) -> Slice | None:
+    """The part of tensor `name` that node `rank` keeps (None: nothing). For 1-D tensors the ranges
+    are element ranges; ClusterError for a matrix this module does not know how to split."""
+    t = f.info(name)
+    base, _, kind = name.rpartition(".")
+    role = base.rpartition(".")[2]
+    hd, hdv = cfg.head_dim, cfg.head_dim_v
+    if name == output_name(f):
+        return Slice(0, ((s.v0, s.v1),))
+    if name == "token_embd.weight":
+        return None  # looked up by the coordinator from its own file, never packed
+    if role == "output" and kind == "bias":
+        return Slice(0, ((s.v0, s.v1),))
+    if role in ROW:
+        r = ROW[role]
+        if r == "q":
+            ranges = ((s.h0 * hd, s.h1 * hd),)
+        elif r in "kv":
+            d = hd if r == "k" else hdv
+            ranges = _merge((k * d, (k + 1) * d) for k in kv_map(cfg, s.h0, s.h1))
+        else:
+            ranges = ((s.f0, s.f1),)
+        return Slice(0, ranges)
+    if role in COL:
+        if kind == "bias":
+            return Slice(0, ((0, t.shape[0]),)) if rank == 0 else None  # added once
+        c0, c1 = (s.h0 * hdv, s.h1 * hdv) if COL[role] == "o" else (s.f0, s.f1)
+        return _cols(t, c0, c1)
+    if len(t.shape) == 1:
+        return Slice(0, ((0, t.shape[0]),))
+    raise ClusterError(f"cannot shard tensor '{name}' {t.shape}: no tensor-parallel rule for it")
+
+
+def slice_bytes(t: TensorInfo, sl: Slice) -> int:
+    if len(t.shape) == 1:
+        return sum(b - a for a, b in sl.ranges) * t.nbytes // t.shape[0]
+    if sl.axis == 0:
+        return sum(b - a for a, b in sl.ranges) * t.row_bytes
+    return t.n_rows * sum(b - a for a, b in sl.ranges) * t.type.type_size
+
+
+def node_tensors(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int) -> dict[str, Slice]:
+    out = {}
+    for name in f.tensors:
+        sl = tensor_slice(cfg, f, s, rank, name)
+        if sl is not None:
+            out[name] = sl
+    return out
+
+
+def weight_bytes(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int) -> int:
+    """Bytes of the node's slices as stored in the file (what it reads and what a worker without
+    the file is sent); packed weights take about as much (onnxruntime: 1-1.6x, numba: ~2x)."""
+    return sum(slice_bytes(f.info(n), sl) for n, sl in node_tensors(cfg, f, s, rank).items())
+
+
+def kv_cache_bytes(cfg: ModelConfig, n_kv: int, n_ctx: int, n_batch: int) -> int:
+    total = 0
+    for i in range(cfg.n_layer):
+        rows = n_ctx
+        if cfg.sliding_window and cfg.swa_layers and cfg.swa_layers[i]:
+            rows = min(cfg.sliding_window + n_batch - 1, n_ctx)
+        total += rows * n_kv * (cfg.head_dim + cfg.head_dim_v) * 2  # float16 K and V
+    return total
+
+
+def node_bytes(cfg, f, plan: Plan, rank: int, n_ctx: int, n_batch: int) -> int:
+    s = plan.nodes[rank]
+    return weight_bytes(cfg, f, s, rank) + kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch)
+
+
+# ---- choosing the boundaries ---------------------------------------------------------------------
+
+def _head_bounds(cfg: ModelConfig, cum: np.ndarray) -> list[int]:
+    """Boundaries 0 = b0 < b1 < ... < bN = n_head near n_head * cum, preferring even KV use."""
+    H, N = cfg.n_head, len(cum) - 1
+    g = H // cfg.n_head_kv
+
+    def clean(a, b):
+        c = np.bincount(np.arange(a, b) // g)
+        c = c[c > 0]
+        return c.min() == c.max()
+
+    INF = float("inf")
+    best = {0: (0.0, [0])}  # boundary -> (cost, path)
+    for i in range(1, N + 1):
+        ideal = H * cum[i]
+        nxt = {}
+        for b in ([H] if i == N else range(i, H - (N - i) + 1)):
+            cand = (INF, None)
+            for a, (c, path) in best.items():
+                if a < b:
+                    cost = c + (b - ideal) ** 2 + (0 if clean(a, b) else 1000.0)
+                    if cost < cand[0]:
+                        cand = (cost, path + [b])
+            if cand[1] is not None:
+                nxt[b] = cand
+        best = nxt
+    return best[H][1]
+
+
+def _bounds(total: int, cum: np.ndarray, unit: int) -> list[int]:
+    """Multiples of `unit` near total * cum, strictly increasing, from 0 to total."""
+    n, N = total // unit, len(cum) - 1
+    b = [0]
+    for i in range(1, N):
+        x = int(round(total * cum[i] / unit))
+        b.append(min(max(x, b[-1] + 1), n - (N - i)))
+    return [v * unit for v in b] + [total]
+
+
+def _plan(cfg: ModelConfig, f: GGUFFile, shares: np.ndarray) -> Plan:
+    N = len(shares)
+    cum = np.concatenate([[0.0], np.cumsum(shares) / shares.sum()])
+    heads = _head_bounds(cfg, cum)
+    downs = [t for n, t in f.tensors.items() if n.endswith("ffn_down.weight")]
+    unit = max([t.type.block_size for t in downs] or [1])
+    if cfg.n_ff // unit < N or cfg.n_ff % unit:
+        unit = 32 if cfg.n_ff % 32 == 0 and cfg.n_ff // 32 >= N else 1
+    ffn = _bounds(cfg.n_ff, cum, unit)
+    out = f.info(output_name(f))
+    V = out.n_rows
+    # everything but the output head, per node; then vocabulary rows to even out the bytes
+    other = []
+    for r in range(N):
+        s = NodeShard(heads[r], heads[r + 1], ffn[r], ffn[r + 1], 0, 0)
+        other.append(sum(slice_bytes(f.info(n), sl) for n, sl in node_tensors(cfg, f, s, r).items()
+                         if n != output_name(f)))
+    total = sum(other) + out.nbytes
+    want = np.maximum(shares / shares.sum() * total - np.array(other), out.row_bytes)
+    vocab = _bounds(V, np.concatenate([[0.0], np.cumsum(want) / want.sum()]), 1)
+    return Plan(tuple(NodeShard(heads[r], heads[r + 1], ffn[r], ffn[r + 1], vocab[r], vocab[r + 1])
+                      for r in range(N)))
+
+
+def make_plan(cfg: ModelConfig, f: GGUFFile, weights, budgets=None, n_ctx: int = 4096,
+              n_batch: int = 512, names=None) -> Plan:
+    """The shard plan for nodes with share `weights` (node 0 = the coordinator) and memory
+    `budgets` (bytes, None = unlimited): shares are capped so that each node's weights and KV cache
+    fit its budget (water-filling), or ClusterError if the nodes together cannot hold the model."""
+    N = len(weights)
+    names = names or [f"node {i}" for i in range(N)]
+    if N > cfg.n_head:
+        raise ClusterError(f"{N} nodes but the model has {cfg.n_head} attention heads: use at most {cfg.n_head}")
+    w = np.asarray(weights, np.float64)
+    if w.shape != (N,) or not np.all(w > 0):
+        raise ClusterError(f"split weights must be {N} positive numbers, not {list(weights)}")
+    budgets = [b if b else None for b in (budgets or [None] * N)]
+    caps = np.full(N, np.inf)  # the largest share of the weight bytes each node can take
+    plan = None
+    for _ in range(12):
+        shares = _waterfill(w, caps)
+        if shares is None:
+            break
+        plan = _plan(cfg, f, shares)
+        need = [node_bytes(cfg, f, plan, r, n_ctx, n_batch) for r in range(N)]
+        over = [r for r in range(N) if budgets[r] is not None and need[r] > budgets[r]]
+        if not over:
+            return plan
+        total = sum(weight_bytes(cfg, f, s, r) for r, s in enumerate(plan.nodes))
+        for r in over:
+            s = plan.nodes[r]
+            room = budgets[r] - kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch)
+            caps[r] = min(caps[r], shares[r] * 0.98, max(room, 0) / total)
+    raise ClusterError(_budget_message(cfg, f, plan or _plan(cfg, f, w), budgets, names, n_ctx, n_batch))
+
+
+def _waterfill(w: np.ndarray, caps: np.ndarray) -> np.ndarray | None:
+    """Shares proportional to `w`, none above its cap, summing to 1 (None: the caps sum below 1)."""
+    share = np.zeros_like(w)
+    free = np.ones(len(w), bool)
+    left = 1.0
+    while free.any():
+        s = w * free / w[free].sum() * left
+        hit = free & (s > caps)
+        if not hit.any():
+            share[free] = s[free]
+            return share
+        share[hit] = caps[hit]
+        left -= caps[hit].sum()
+        free &= ~hit
+    return None
+
+
+def _budget_message(cfg, f, plan, budgets, names, n_ctx, n_batch) -> str:
+    parts = []
+    for r, b in enumerate(budgets):
+        need = node_bytes(cfg, f, plan, r, n_ctx, n_batch)
+        parts.append(f"{names[r]}: needs {need / 1e6:,.0f} MB, budget {'unlimited' if b is None else f'{b / 1e6:,.0f} MB'}")
+    return "the nodes cannot hold the model within their memory budgets (" + "; ".join(parts) + ")"

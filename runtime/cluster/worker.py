@@ -1,0 +1,334 @@
+"""`edgellm worker`: serve one shard of a model to a coordinator.
+
+Each connection is authenticated in its own thread with a deadline, so a peer with a wrong key,
+garbage bytes or nothing to say is dropped without touching the session in progress. One session
+runs at a time; another authenticated coordinator waits BUSY_WAIT seconds for it to end (as it
+does at once when a re-planning coordinator closes its old connections), then is told "busy".
+A coordinator that vanishes without closing is noticed by TCP keepalive (~20 s).
+
+A session: OPEN (model hash, sizes) -> INFO (has the file? memory budget) -> [PIECE: GGUF header,
+when there is no local copy] -> PLAN (this node's shard; its hash is checked) -> NEED (the pieces a
+replica lacks) -> PIECE... -> PROGRESS while packing -> READY; then per forward pass STEP (the
+embedded tokens) -> per layer PARTIAL/SUM twice -> LOGITS (this node's vocabulary rows).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+
+from ...errors import EdgeLLMError
+from ...loaders.gguf import GGUFFile
+from ..config import RuntimeConfig
+from ..engine import select_kernels
+from ..model import model_class
+from . import wire
+from .plan import FIELDS, Plan, kv_map, local_config, node_bytes, node_tensors
+from .replica import Replica, find_local, piece_bytes, pieces_of, subtract
+from .shard import ShardedWeights
+from .wire import (BYE, INFO, LOGITS, NEED, OPEN, PARTIAL, PIECE, PLAN, PROGRESS, READY, STEP, SUM,
+                   ClusterError, ProtocolError, array)
+
+log = logging.getLogger("edgellm.cluster")
+
+OPEN_S = struct.Struct("<32sQIII16s")  # model sha256, file size, n_ctx, n_batch, timeout ms, backend name
+INFO_S = struct.Struct("<BQI")  # has the model (0 no, 1 local file, 2 replica), budget bytes, threads
+PLAN_S = struct.Struct("<II32s")  # rank, nodes, plan hash; then the plan table int64 (nodes, FIELDS)
+PIECE_S = struct.Struct("<qqqqQQ")  # tensor index (-1: header), axis, lo, hi, offset in piece, piece bytes
+READY_S = struct.Struct("<32sQ")  # plan hash, weight bytes held
+STEP_S = struct.Struct("<IIII")  # start, n tokens, flags (1: all logits, 2: probe), 0
+PROBE = 2
+ROWS_S = struct.Struct("<II")  # first row, rows (LOGITS)
+LOGIT_CHUNK = 4 << 20
+HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKES = 16
+BUSY_WAIT = 3.0  # seconds a second coordinator waits for the session in progress to end
+
+
+def step_limit(n_batch: int, n_embd: int, n_vocab_local: int) -> int:
+    rows = max(1, LOGIT_CHUNK // (4 * n_vocab_local))
+    return max(STEP_S.size + n_batch * n_embd * 4, ROWS_S.size + rows * n_vocab_local * 4)
+
+
+class Worker:
+    def __init__(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT, key: bytes = b"",
+                 memory_budget: int | None = None, threads: int | None = None):
+        if not key and not wire.is_loopback(host):
+            raise ClusterError(f"listening on {host} (not loopback) needs a key: make one with "
+                               "`edgellm keygen FILE` and pass --key FILE here and on the coordinator")
+        self.key, self.budget = key, memory_budget
+        self.threads = threads or RuntimeConfig().threads
+        try:
+            self.sock = socket.create_server((host, port), backlog=64)
+        except OSError as e:
+            raise ClusterError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.address = self.sock.getsockname()[:2]
+        self._slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._current: wire.Channel | None = None
+        self._current_lock = threading.Lock()
+        self._run = threading.Lock()  # held by the session in progress
+        self._closed = False
+        self.files: dict[str, tuple[GGUFFile, int]] = {}  # digest -> (file, 1 local copy / 2 replica)
+        self.cache: dict = {}  # packed weights kept across sessions of one model
+        self.cache_digest = None
+
+    def serve_forever(self) -> None:
+        while not self._closed:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                raise
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # too many handshakes in flight
+                continue
+            threading.Thread(target=self._handle, args=(conn, addr), daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+        with self._current_lock:
+            if self._current:
+                _shutdown(self._current.sock)
+
+    def _handle(self, conn: socket.socket, addr) -> None:
+        who = f"{addr[0]}:{addr[1]}"
+        try:
+            wire.tune(conn)
+            ch = wire.handshake_worker(conn, self.key, HANDSHAKE_TIMEOUT)
+        except (ProtocolError, OSError) as e:
+            log.warning("rejected %s: %s", who, e)
+            conn.close()
+            return
+        finally:
+            self._slots.release()
+        if not self._run.acquire(timeout=BUSY_WAIT):  # one coordinator at a time
+            try:
+                ch.send(wire.ERROR, b"worker busy: serving another coordinator", timeout=2)
+            except ClusterError:
+                pass
+            log.warning("refused %s: busy with another coordinator", who)
+            ch.close()
+            return
+        with self._current_lock:
+            self._current = ch
+        try:
+            Session(self, ch, who).run()
+        except wire.PeerGone as e:
+            log.info("session with %s ended: %s", who, e)
+        except Exception as e:  # tell the coordinator why (best effort), keep serving
+            if isinstance(e, ClusterError):
+                log.warning("session with %s ended: %s", who, e)
+            else:
+                log.exception("session with %s failed", who)
+            try:
+                ch.send(wire.ERROR, f"worker {self.address[0]}:{self.address[1]}: {e}".encode()[:1024], timeout=2)
+            except ClusterError:
+                pass
+        finally:
+            ch.close()
+            with self._current_lock:
+                if self._current is ch:
+                    self._current = None
+            self._run.release()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Session:
+    def __init__(self, worker: Worker, ch: wire.Channel, who: str):
+        self.w, self.ch, self.who = worker, ch, who
+        self.timeout = HANDSHAKE_TIMEOUT
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def run(self) -> None:
+        ch = self.ch
+        _, p = ch.recv(self.deadline(), (OPEN,))
+        if len(p) != OPEN_S.size:
+            raise ProtocolError("malformed OPEN")
+        digest, size, n_ctx, n_batch, timeout_ms, backend = OPEN_S.unpack(p)
+        backend = backend.rstrip(b"\0").decode("ascii", "replace")
+        if not (1 <= n_ctx <= 1 << 22 and 1 <= n_batch <= 4096 and 50 <= timeout_ms <= 3_600_000
+                and all(c.isalnum() or c == "_" for c in backend)):
+            raise ProtocolError("OPEN holds out-of-range settings")
+        self.timeout = timeout_ms / 1000
+        hexd = digest.hex()
+        f, has = self._model_file(hexd, size)
+        ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads), timeout=self.timeout)
+        replica = Replica(hexd)
+        ch.set_limit(PIECE_S.size + wire.PIECE_CHUNK)
+        if has == 0:
+            f = self._receive_header(replica, hexd, size)
+        cls = model_class(f.metadata.get("general.architecture"))
+        cfg = cls.config(f)
+
+        _, p = ch.recv(self.deadline(), (PLAN,))
+        rank, n, sent = wire.unpack(PLAN_S, p)
+        if not (1 <= rank < n <= 4096):
+            raise ProtocolError("PLAN names an impossible rank")
+        plan = Plan.from_table(array(p, np.int64, (n, FIELDS), PLAN_S.size))
+        if plan.digest(digest, n_ctx, n_batch) != sent:
+            raise ProtocolError("the plan does not match its hash")
+        s = plan.nodes[rank]
+        V = f.info("output.weight" if "output.weight" in f.tensors else "token_embd.weight").n_rows
+        if not (0 <= s.h0 < s.h1 <= cfg.n_head and 0 <= s.f0 < s.f1 <= cfg.n_ff and 0 <= s.v0 < s.v1 <= V):
+            raise ProtocolError("the plan's ranges do not fit the model")
+        need = node_bytes(cfg, f, plan, rank, n_ctx, n_batch)
+        if self.w.budget and need > self.w.budget:
+            raise ClusterError(f"this node's shard needs {need:,} bytes but its memory budget is {self.w.budget:,}")
+
+        slices = node_tensors(cfg, f, s, rank)
+        missing = subtract(pieces_of(f, slices), replica.present()) if has != 1 else []
+        names = list(f.tensors)
+        idx = {nm: i for i, nm in enumerate(names)}
+        ch.send(NEED, np.array([(idx[nm], a, lo, hi) for nm, a, lo, hi in missing], "<i8").reshape(-1, 4),
+                timeout=self.timeout)
+        for nm, axis, lo, hi in missing:
+            self._receive_piece(replica, f, idx[nm], axis, lo, hi)
+        if missing:
+            replica.commit([f"{nm} {a} {lo} {hi}" for nm, a, lo, hi in missing])
+            log.info("received %d pieces from %s (cached in %s)", len(missing), self.who, replica.path.parent)
+
+        w = self.w
+        if w.cache_digest != hexd:
+            w.cache.clear()
+            w.cache_digest = hexd
+        try:  # the coordinator's kernels where this node has them (same arithmetic), else its own best
+            ops, make_linear, _ = select_kernels(backend or None, w.threads)
+        except EdgeLLMError:
+            ops, make_linear, _ = select_kernels(None, w.threads)
+        store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
+        rcfg = RuntimeConfig(threads=w.threads, n_ctx=n_ctx, n_batch=n_batch)
+        self.model = cls(local_config(cfg, s), rcfg, store, ops)
+        self.model.reduce = self.reduce
+        last = [time.monotonic()]
+
+        def beat():
+            if time.monotonic() - last[0] > 0.25:
+                ch.send(PROGRESS, timeout=self.timeout)
+                last[0] = time.monotonic()
+
+        store.load_all(beat)
+        ch.send(READY, READY_S.pack(sent, store.weight_bytes), timeout=self.timeout)
+        log.info("node %d/%d for %s: heads [%d, %d) (KV %s), FFN [%d, %d), vocabulary [%d, %d), %.1f MB of weights",
+                 rank, n, self.who, s.h0, s.h1, list(kv_map(cfg, s.h0, s.h1)), s.f0, s.f1, s.v0, s.v1,
+                 store.weight_bytes / 1e6)
+        self.E, self.V = cfg.n_embd, s.v1 - s.v0
+        ch.set_limit(step_limit(n_batch, self.E, self.V))
+        self.xbuf = np.empty((n_batch, self.E), np.float32)  # (n_batch, n_embd): the step's input
+        self.n_ctx, self.n_batch = self.model.n_ctx, n_batch
+        self.serve_steps()
+
+    def serve_steps(self) -> None:
+        ch, m = self.ch, self.model
+        while True:
+            t, p = ch.recv(None, (STEP, BYE))
+            if t == BYE:
+                return
+            start, T, flags, z = wire.unpack(STEP_S, p)
+            if z or not 1 <= T <= self.n_batch or flags > PROBE:
+                raise ProtocolError("STEP out of range")
+            x = self.xbuf[:T]
+            x[:] = array(p, np.float32, (T, self.E), STEP_S.size)
+            if flags == PROBE:  # `start` all-reduces of x and nothing else: the network's share of a step
+                for _ in range(min(start, 4096)):
+                    self.reduce(x)
+                continue
+            all_logits = flags == 1
+            if start + T > self.n_ctx:
+                raise ProtocolError("STEP beyond the context")
+            positions = np.arange(start, start + T, dtype=np.int64)
+            for i in range(m.cfg.n_layer):
+                x = m.block(i, x, positions)
+            logits = m.head(x if all_logits else x[-1:])  # (rows, V local)
+            rows = max(1, LOGIT_CHUNK // (4 * self.V))
+            for r0 in range(0, logits.shape[0], rows):
+                part = np.ascontiguousarray(logits[r0:r0 + rows])
+                ch.send(LOGITS, ROWS_S.pack(r0, part.shape[0]), part, timeout=self.timeout)
+
+    def reduce(self, x: np.ndarray) -> np.ndarray:
+        """Send this node's partial sum, return the total (a view valid until the next message)."""
+        x = np.ascontiguousarray(x, np.float32)
+        self.ch.send(PARTIAL, x, timeout=self.timeout)
+        _, p = self.ch.recv(time.monotonic() + max(30.0, 6 * self.timeout), (SUM,))
+        return array(p, np.float32, x.shape)
+
+    def _model_file(self, hexd: str, size: int) -> tuple[GGUFFile | None, int]:
+        """(the model file, 1) for a local copy, (the replica, 2) for a partial one, (None, 0)."""
+        got = self.w.files.get(hexd)
+        if got is not None:
+            return got
+        path = find_local(hexd)
+        if path is not None:
+            got = self.w.files[hexd] = (GGUFFile(path), 1)
+            return got
+        rep = Replica(hexd)
+        if rep.has_header() and rep.path.stat().st_size == size:
+            got = self.w.files[hexd] = (GGUFFile(rep.path), 2)
+            return got
+        return None, 0
+
+    def _receive_header(self, rep: Replica, hexd: str, size: int) -> GGUFFile:
+        rep.start(size)
+        got, total = 0, None
+        while total is None or got < total:
+            _, p = self.ch.recv(self.deadline(), (PIECE,))
+            i, axis, lo, hi, at, n = wire.unpack(PIECE_S, p)
+            data = p[PIECE_S.size:]
+            if i != -1 or axis or lo or at != got or hi != n or n > min(size, 1 << 30) or (total or n) != n \
+                    or got + len(data) > n:
+                raise ProtocolError("unexpected header piece")
+            total = n
+            rep.write(at, data)
+            got += len(data)
+        rep.commit(["header"])
+        f = GGUFFile(rep.path)
+        self.w.files[hexd] = (f, 2)
+        if f.file_size != size:
+            raise ProtocolError("the received header does not describe a file of the announced size")
+        log.info("received the model header from %s", self.who)
+        return f
+
+    def _receive_piece(self, rep: Replica, f: GGUFFile, i: int, axis: int, lo: int, hi: int) -> None:
+        t = f.info(list(f.tensors)[i])
+        total, got = piece_bytes(t, axis, lo, hi), 0
+        while got < total:
+            _, p = self.ch.recv(self.deadline(), (PIECE,))
+            hdr = wire.unpack(PIECE_S, p)
+            data = p[PIECE_S.size:]
+            if hdr != (i, axis, lo, hi, got, total) or got + len(data) > total or not len(data):
+                raise ProtocolError("unexpected weight piece")
+            rep.write_piece(t, axis, lo, hi, got, data)
+            got += len(data)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'2GB', '512MiB', '1e9' -> bytes; None -> None."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = t[len(num):].strip()
+    try:
+        v = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ClusterError(f"memory budget must be a size such as 2GB or 512MiB, not {text!r}") from None
+    if v <= 0:
+        raise ClusterError(f"memory budget must be positive, not {text!r}")
+    return int(v)

@@ -1,0 +1,430 @@
+"""The LAN cluster (runtime/cluster): shard plans, exact column splits, multi-process runs on
+loopback against llama.cpp's tokens, shards sent once to a node without the file, lost and stalled
+nodes, bad peers, and nodes in their own network namespaces.
+
+Workers are real `edgellm worker` processes; the test process is the coordinator. Kernels are
+numpy's (exact float32 weights) so that a sharded run differs from a single node only by float
+summation order: its teacher-forced argmax must match llama.cpp's as tests/test_models.py checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
+from edgellm.runtime.cluster import ClusterError, keygen, load_key, plan as P, wire
+
+from .conftest import model_file, reference_file
+from .test_models import NEAR_TIE, check_step
+
+CLUSTER_MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b"]
+WORKER = [sys.executable, "-c", "from edgellm.cli import main; main()", "worker"]
+
+
+class Node:
+    """An `edgellm worker` process (optionally in a network namespace); `address` waits for it."""
+
+    def __init__(self, *args, env=None, netns=None, listen="127.0.0.1:0"):
+        cmd = WORKER + ["--listen", listen, "--threads", "1", *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
+        err = None if os.environ.get("EDGELLM_TEST_LOGS") else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                     env={**os.environ, **(env or {})})
+        self._address = None
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            line = self.proc.stdout.readline()
+            if "listening on" not in line:
+                self.stop()
+                raise RuntimeError(f"worker did not start: {line!r}")
+            self._address = line.rsplit(" ", 1)[1].strip()
+        return self._address
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """Three workers: two find the model in the shared cache, the third has an empty home."""
+    empty = tmp_path_factory.mktemp("nofile-home")
+    ws = [Node(), Node(), Node(env={"EDGELLM_HOME": str(empty)})]
+    yield ws
+    for w in ws:
+        w.stop()
+
+
+def cluster_engine(name, addresses, **kw):
+    kw = {"n_ctx": 512, "threads": 1, "backend": "numpy", "cluster_timeout": 10.0, **kw}
+    return Engine(model_file(name), RuntimeConfig(cluster=tuple(addresses), **kw))
+
+
+def check_greedy(name, ids, p):
+    """Free-running greedy ids against llama.cpp's, up to the first near-tie where they may part."""
+    for s, (ours, theirs) in enumerate(zip(ids, p["gen_ids"])):
+        if ours != theirs:
+            step = p["top5_per_step"][s]
+            assert step[0][1] - step[1][1] < NEAR_TIE[name], f"{name}: diverged at step {s} with no near-tie"
+            return
+
+
+# ---- plans and exact column splits (no processes) --------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_plans_cover_the_model_and_balance_bytes(name):
+    from edgellm.loaders.gguf import GGUFFile
+    from edgellm.runtime.model import model_class
+
+    with GGUFFile(model_file(name)) as f:
+        cfg = model_class(f.metadata["general.architecture"]).config(f)
+        V = f.info(P.output_name(f)).n_rows
+        total = P.weight_bytes(cfg, f, P.NodeShard(0, cfg.n_head, 0, cfg.n_ff, 0, V), 0)
+        for weights in ([1, 1], [1, 1, 1], [1, 1, 1, 1], [3, 1, 2]):
+            plan = P.make_plan(cfg, f, weights, n_ctx=512, n_batch=64)
+            ns = plan.nodes
+            for field, end in (("h", cfg.n_head), ("f", cfg.n_ff), ("v", V)):
+                bounds = [getattr(n, field + "0") for n in ns] + [getattr(ns[-1], field + "1")]
+                assert bounds[0] == 0 and bounds[-1] == end and all(a < b for a, b in zip(bounds, bounds[1:]))
+            for n in ns:
+                kv = P.kv_map(cfg, n.h0, n.h1)
+                assert (n.h1 - n.h0) % len(kv) == 0  # the local config's grouping holds
+                g = cfg.n_head // cfg.n_head_kv
+                local_g = (n.h1 - n.h0) // len(kv)
+                assert [kv[j // local_g] for j in range(n.h1 - n.h0)] == [h // g for h in range(n.h0, n.h1)]
+            got = [P.weight_bytes(cfg, f, n, r) for r, n in enumerate(ns)]
+            for r, b in enumerate(got):  # each node about its share (KV heads replicated on top)
+                assert b <= total * weights[r] / sum(weights) * 1.07 + 1e6, (name, weights, r, b / total)
+            assert plan.digest(b"x" * 32, 512, 64) == P.Plan.from_table(plan.table()).digest(b"x" * 32, 512, 64)
+        # memory budgets: the smaller node gets less; too little in all fails clearly
+        plan = P.make_plan(cfg, f, [1, 1], budgets=[None, int(total * 0.3)], n_ctx=512, n_batch=64)
+        assert P.node_bytes(cfg, f, plan, 1, 512, 64) <= total * 0.3
+        with pytest.raises(ClusterError, match="cannot hold the model"):
+            P.make_plan(cfg, f, [1, 1], budgets=[int(total * 0.4)] * 2, n_ctx=512, n_batch=64)
+
+
+def test_column_split_inside_a_quant_block_is_exact():
+    """3 heads of 128 columns in Q4_K's 256-wide blocks (qwen 1.5B on 4 nodes): each side keeps the
+    covering blocks and multiplies a zero-padded input; the sum equals the whole product."""
+    from edgellm.kernels_cpu import linear
+    from edgellm.kernels_cpu.qmatmul_ref import matmul_ref, random_raw
+    from edgellm.quant.ggml_types import GGMLType
+    from edgellm.runtime.cluster.shard import _padded
+
+    t, N, K, cut = GGMLType.Q4_K, 64, 1536, 384
+    raw = random_raw(t, N, K, np.random.default_rng(0)).reshape(N, -1)
+    x = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
+    bs, ts = t.block_size, t.type_size
+    parts = []
+    for c0, c1 in ((0, cut), (cut, K)):
+        b0, b1 = c0 // bs, -(-c1 // bs)
+        w = linear.pack(np.ascontiguousarray(raw[:, b0 * ts:b1 * ts]), t, (b1 - b0) * bs, backend="numpy")
+        fn = _padded(lambda v, w=w: linear.matmul(w, v), c1 - c0, c0 - b0 * bs, b1 * bs - c1)
+        parts.append(fn(x[:, c0:c1]))
+    ref = matmul_ref(raw, t, K, x)
+    assert np.allclose(parts[0] + parts[1], ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_keys_and_addresses(tmp_path):
+    k = tmp_path / "cluster.key"
+    keygen(k)
+    assert len(load_key(k)) == 32 and (k.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(ClusterError, match="exists"):
+        keygen(k)
+    (tmp_path / "bad.key").write_text("not hex")
+    with pytest.raises(ClusterError, match="64 hex digits"):
+        load_key(tmp_path / "bad.key")
+    assert wire.parse_address("10.0.0.2:7000") == ("10.0.0.2", 7000)
+    assert wire.parse_address("[::1]:7001") == ("::1", 7001)
+    with pytest.raises(ClusterError):
+        wire.parse_address("host:99999")
+    with pytest.raises(ClusterError, match="needs a key"):
+        from edgellm.runtime.cluster import Worker
+        Worker("0.0.0.0", 0)
+
+
+def test_frames_are_authenticated_bounded_and_ordered():
+    """Over a socket pair: a tampered byte, a replayed frame and an oversized length are refused."""
+    import threading
+
+    key = os.urandom(32)
+
+    def pair():
+        a, b = socket.socketpair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("w", wire.handshake_worker(b, key, 5)))
+        t.start()
+        c = wire.handshake_coordinator(a, key, 5)
+        t.join()
+        return c, got["w"]
+
+    c, w = pair()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    c.send(wire.SUM, x)
+    t, pl = w.recv(time.monotonic() + 5, (wire.SUM,))
+    assert np.array_equal(wire.array(pl, np.float32, (3, 4)), x)
+    with pytest.raises(wire.ProtocolError, match="expected"):
+        c.send(wire.BYE)
+        w.recv(time.monotonic() + 5, (wire.SUM,))
+    c, w = pair()  # a flipped payload byte
+    c.send(wire.SUM, x)
+    frame = bytearray(c.out[:wire.HEADER.size + x.nbytes + wire.MAC_BYTES])
+    w.sock.recv(len(frame))  # drop the genuine frame, then deliver a tampered copy
+    frame[wire.HEADER.size + 5] ^= 1
+    c.sock.sendall(frame)
+    with pytest.raises(wire.ProtocolError, match="authentication failed"):
+        w.recv(time.monotonic() + 5)
+    c, w = pair()  # a replayed frame
+    c.send(wire.SUM, x)
+    frame = bytes(c.out[:wire.HEADER.size + x.nbytes + wire.MAC_BYTES])
+    w.recv(time.monotonic() + 5)
+    c.sock.sendall(frame)
+    with pytest.raises(wire.ProtocolError, match="sequence"):
+        w.recv(time.monotonic() + 5)
+    c, w = pair()  # a length beyond the limit is refused before anything is read or allocated
+    c.sock.sendall(wire.HEADER.pack(wire.SUM, 0, 0, wire.HARD_LIMIT + 1, 0))
+    with pytest.raises(wire.ProtocolError, match="exceeds"):
+        w.recv(time.monotonic() + 5)
+    with pytest.raises(wire.PeerGone):  # and silence ends in a timeout, not a hang
+        w.recv(time.monotonic() + 0.2)
+
+
+# ---- multi-process runs on loopback ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CLUSTER_MODELS)
+def test_cluster_matches_single_node(nodes, name):
+    """2, 3 and 4 nodes: teacher-forced argmax as llama.cpp's (near-tie rule), weights ~1/N each,
+    and the node without the file is sent its shard once, never again."""
+    ref = json.loads(reference_file(f"llamacpp-{name}.json").read_text())
+    for n in (2, 3, 4):
+        eng = cluster_engine(name, [w.address for w in nodes[:n - 1]])
+        try:
+            cm = eng.model
+            total = sum(P.weight_bytes(cm.cfg, cm.f, s, r) for r, s in enumerate(cm.plan.nodes))
+            held = [cm.weight_bytes] + [p.weight_bytes for p in cm.live]
+            assert max(held) <= 1.07 * total / n, (n, [h / total for h in held])
+            if n == 4:
+                sent = cm.live[2].ch.sent_bytes  # the worker without the file got its shard
+                assert sent >= 0.9 * held[3], (sent, held[3])
+            for p in ref["prompts"]:
+                ids = p["prompt_ids"] + p["gen_ids"][:-1]
+                logits = eng.prefill(ids, all_logits=True)[len(p["prompt_ids"]) - 1:]
+                for s in range(32):
+                    check_step(name, s, logits[s], p["top5_per_step"][s], p["gen_ids"][s])
+            if n == 3:  # and the decode path (one token per pass) once per model
+                eng.reset()
+                p = ref["prompts"][0]
+                list(eng.generate(p["prompt_ids"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
+                check_greedy(name, eng.stats.ids, p)
+        finally:
+            eng.close()
+    eng = cluster_engine(name, [w.address for w in nodes])  # again: nothing re-sent
+    try:
+        assert eng.model.live[2].ch.sent_bytes < 1e6
+    finally:
+        eng.close()
+
+
+# ---- faults -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["killed", "stalled"])
+def test_lost_node_is_replanned_and_generation_continues(nodes, how):
+    """A worker killed (or stopped) mid-generation: detected within the timeout, reported by name,
+    shards re-planned over the rest (the node without the file is sent only what it lacks), the
+    KV caches rebuilt, and greedy generation goes on as if nothing happened."""
+    name = "gemma3-270m"
+    p = json.loads(reference_file(f"llamacpp-{name}.json").read_text())["prompts"][1]
+    victim = Node()
+    eng = cluster_engine(name, [victim.address, nodes[2].address], cluster_timeout=1.5)
+    try:
+        t = {}
+
+        def fault():
+            victim.proc.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+            t["at"] = time.monotonic()
+
+        ids = []
+        for i, ev in enumerate(eng.generate(p["prompt_ids"], SamplingParams(temperature=0, max_tokens=8,
+                                                                         ignore_eos=True))):
+            ids.append(ev.token)
+            if i == 2:
+                fault()
+            elif i == 3:
+                t["next"] = time.monotonic()
+        assert len(ids) == 8 and t["next"] - t["at"] < 1.5 + 8  # detection + re-plan + replay
+        check_greedy(name, ids, p)
+        ev = eng.model.events
+        assert any(victim.address in e and "lost" in e for e in ev), ev
+        cm = eng.model
+        assert [q.address for q in cm.live] == [nodes[2].address] and len(cm.plan.nodes) == 2
+        assert cm.live[0].ch.sent_bytes < 0.8 * P.weight_bytes(cm.cfg, cm.f, cm.plan.nodes[1], 1)
+    finally:
+        eng.close()
+        victim.stop()
+
+
+def test_request_fails_clearly_when_the_rest_cannot_hold_the_model():
+    name = "gemma3-270m"
+
+    budget = 100_000_000  # three such nodes hold gemma3-270m (~250 MB of weights), two do not
+    x, y = Node("--memory-budget", str(budget)), Node("--memory-budget", str(budget))
+    rc = dict(n_ctx=256, threads=1, backend="numpy", memory_budget=budget, cluster_timeout=1.5)
+    eng = None
+    try:
+        with pytest.raises(ClusterError, match="cannot hold the model"):
+            Engine(model_file(name), RuntimeConfig(cluster=(x.address,), **rc))
+        eng = Engine(model_file(name), RuntimeConfig(cluster=(x.address, y.address), **rc))
+        assert eng.model.weight_bytes <= budget
+        eng.prefill([2, 818, 5279])
+        x.proc.kill()
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=rf"lost node 1 \({x.address}\).*cannot hold the model"):
+            eng.decode_one(529)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if eng:
+            eng.close()
+        x.stop()
+        y.stop()
+
+
+# ---- bad peers ------------------------------------------------------------------------------------------
+
+def _raw(addr, data=b"", wait=0.0):
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5)
+    if data:
+        s.sendall(data)
+    time.sleep(wait)
+    return s
+
+
+def _closed_by_peer(s, within):
+    """Whether the worker hangs up on `s` within `within` seconds (it never answers a bad hello)."""
+    s.settimeout(within)
+    try:
+        return s.recv(1 << 16) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_bad_peers_are_rejected_without_disturbing_a_session(tmp_path):
+    name = "gemma3-270m"
+    key = keygen(tmp_path / "k")
+    keygen(tmp_path / "other")
+    w = Node("--key", str(key))
+    eng = cluster_engine(name, [w.address], cluster_key=str(key))
+    try:
+        before = eng.prefill([2, 818, 5279, 529], all_logits=True)
+        silent = _raw(w.address)  # connects, sends nothing
+        garbage = _raw(w.address, os.urandom(40))
+        huge = _raw(w.address, wire.HEADER.pack(wire.STEP, 0, 0, 1 << 31, 0) + b"\0" * 24)
+        for s in (garbage, huge):
+            assert _closed_by_peer(s, 5)
+        with pytest.raises(ClusterError, match="authentication failed"):  # wrong key
+            cluster_engine(name, [w.address], cluster_key=str(tmp_path / "other"))
+        with pytest.raises(ClusterError, match="authentication failed"):  # no key at all
+            cluster_engine(name, [w.address])
+        eng.reset()
+        after = eng.prefill([2, 818, 5279, 529], all_logits=True)  # the session is undisturbed
+        assert np.array_equal(before, after)
+        assert _closed_by_peer(silent, 8)  # dropped after the handshake timeout
+    finally:
+        eng.close()
+    # an authenticated peer sending an oversized frame: the session ends, no allocation, worker lives
+    host, port = w.address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5)
+    ch = wire.handshake_coordinator(s, load_key(key), 5)
+    s.sendall(wire.HEADER.pack(wire.OPEN, 0, 0, wire.HARD_LIMIT * 4, 0))
+    with pytest.raises(ClusterError, match="exceeds"):
+        ch.recv(time.monotonic() + 5)
+    s.close()
+    eng = cluster_engine(name, [w.address], cluster_key=str(key))
+    try:
+        assert np.array_equal(eng.prefill([2, 818, 5279, 529], all_logits=True), before)
+    finally:
+        eng.close()
+        w.stop()
+
+
+# ---- separate hosts: network namespaces joined by veth, with tc shaping ---------------------------------
+
+def _sh(*cmd, check=True):
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+@pytest.fixture
+def namespaces():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        pytest.skip("network namespaces need root and iproute2 (ip, tc)")
+    tag = f"el{os.getpid() % 10000}"
+    made = []
+    try:
+        for ns in ("c", "a", "b"):
+            _sh("ip", "netns", "add", f"{tag}{ns}")
+            made.append(f"{tag}{ns}")
+            _sh("ip", "-n", f"{tag}{ns}", "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as e:
+        for ns in made:
+            _sh("ip", "netns", "del", ns, check=False)
+        pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
+    shaping = []
+    try:
+        for i, w in enumerate(("a", "b"), 1):  # a star: the coordinator's namespace to each worker's
+            c_if, w_if = f"{tag}c{i}", f"{tag}{w}0"
+            _sh("ip", "link", "add", c_if, "type", "veth", "peer", "name", w_if)
+            _sh("ip", "link", "set", c_if, "netns", f"{tag}c")
+            _sh("ip", "link", "set", w_if, "netns", f"{tag}{w}")
+            for ns, dev, ip in ((f"{tag}c", c_if, f"10.79.{i}.1/24"), (f"{tag}{w}", w_if, f"10.79.{i}.2/24")):
+                _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+                _sh("ip", "-n", ns, "link", "set", dev, "up")
+                if _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", "delay", "2ms", "rate", "100mbit",
+                       check=False).returncode == 0:
+                    shaping.append("netem 2ms 100mbit")
+                elif _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb",
+                         "latency", "50ms", check=False).returncode == 0:
+                    shaping.append("tbf 100mbit (this kernel has no netem: no added delay)")
+        yield tag, shaping
+    finally:
+        for ns in made:
+            _sh("ip", "netns", "del", ns, check=False)
+
+
+def test_nodes_in_separate_network_namespaces(namespaces, tmp_path):
+    tag, shaping = namespaces
+    name = "gemma3-270m"
+    p = json.loads(reference_file(f"llamacpp-{name}.json").read_text())["prompts"][0]
+    key = keygen(tmp_path / "k")
+    ws = [Node("--key", str(key), netns=f"{tag}{w}", listen=f"10.79.{i}.2:7370") for i, w in enumerate("ab", 1)]
+    try:
+        cmd = ["ip", "netns", "exec", f"{tag}c", sys.executable, "-c", "from edgellm.cli import main; main()",
+               "run", str(model_file(name)), "--file", str(tmp_path / "prompt"), "--temp", "0", "-n", "8",
+               "--ignore-eos", "--threads", "1", "--ctx", "256", "--backend", "numpy", "--json",
+               "--cluster", ",".join(w.address for w in ws), "--key", str(key)]
+        (tmp_path / "prompt").write_text(p["prompt"])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout)
+        assert out["prompt_ids"] == p["prompt_ids"] and len(out["ids"]) == 8
+        check_greedy(name, out["ids"], p)
+        print("shaping:", shaping)
+    finally:
+        for w in ws:
+            w.stop()
