@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json as _json
 import os
+import sys
 import time
 
 import numpy as np
@@ -143,10 +144,11 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    print("#", linear.describe_backend())
+    header = sys.stderr if a.json else sys.stdout  # --json: stdout holds only JSON lines
+    print("#", linear.describe_backend(), file=header)
     try:
         load = open("/proc/loadavg").read().split()[0]
-        print(f"# load average {load} on {os.cpu_count()} cores (other work skews multi-thread rows)")
+        print(f"# load average {load} on {os.cpu_count()} cores (other work skews multi-thread rows)", file=header)
     except OSError:
         pass
     run(a.threads, a.json, a.backends, a.tokens, a.models)

@@ -170,14 +170,15 @@ def quantize_activations(x: np.ndarray, bs: int = 32) -> tuple[np.ndarray, np.nd
     return q.reshape(t, k), d
 
 
-def int8_error_bound(w: np.ndarray, x: np.ndarray, bs: int = 32) -> np.ndarray:
-    """Worst-case |error| of a product whose activations were rounded to int8 per block of `bs`:
-    sum over blocks b of (amax_b(x) / 254) * sum_i |w[n, b, i]|  -> float64 (T, N).
+def int8_error_bound(w: np.ndarray, x: np.ndarray, bs: int = 32, qmax: int = 127) -> np.ndarray:
+    """Worst-case |error| of a product whose activations were rounded to integers per block of `bs`
+    (int8: qmax 127; int16: 32767): sum over blocks b of amax_b(x) / (2 qmax) * sum_i |w[n, b, i]|
+    -> float64 (T, N).
 
-    Rounding x to the grid amax/127 moves each element by at most half a step; float32 accumulation
+    Rounding x to the grid amax/qmax moves each element by at most half a step; float32 accumulation
     adds ~1e-6 relative on top, which the callers' slack covers."""
     t, k = x.shape
-    amax = np.abs(np.asarray(x, np.float64)).reshape(t, k // bs, bs).max(axis=2) / 254.0  # (T, nb)
+    amax = np.abs(np.asarray(x, np.float64)).reshape(t, k // bs, bs).max(axis=2) / (2.0 * qmax)  # (T, nb)
     wabs = np.abs(np.asarray(w, np.float64)).reshape(w.shape[0], k // bs, bs).sum(axis=2)  # (N, nb)
     return amax @ wabs.T
 

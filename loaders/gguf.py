@@ -181,6 +181,39 @@ def _value_type(cur: _Cursor, what: str) -> ValueType:
         raise GGUFError(f"{what} at byte {at:,} is {t}; expected a value type 0..12") from None
 
 
+_U64 = struct.Struct("<Q")
+
+
+def _string_array(cur: _Cursor, n: int, key: str) -> list[str]:
+    """n strings (the tokenizer's vocabulary: ~260k of them): the hot loop of opening a model."""
+    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
+    out: list = [None] * n  # n is already bounded by the bytes left in the file
+    for i in range(n):
+        if pos + 8 > size:
+            cur.pos = pos
+            cur.need(8, f"length of string {i} in '{key}'")
+        end = pos + 8 + unpack(buf, pos)[0]
+        if end > size:
+            cur.pos = pos + 8
+            cur.need(end - pos - 8, f"string {i} in '{key}'")
+        out[i] = buf[pos + 8 : end]
+        pos = end
+    cur.pos = pos
+    try:
+        return [b.decode("utf-8") for b in out]
+    except UnicodeDecodeError:
+        bad = next(i for i, b in enumerate(out) if not _is_utf8(b))
+        raise GGUFError(f"string {bad} in '{key}' is not valid UTF-8") from None
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _read_value(cur: _Cursor, vtype: ValueType, key: str, depth: int = 0) -> Any:
     if vtype == ValueType.STRING:
         return cur.string(f"value of '{key}'")
@@ -204,6 +237,8 @@ def _read_value(cur: _Cursor, vtype: ValueType, key: str, depth: int = 0) -> Any
                     raise GGUFError(f"array of '{key}' at byte {at:,} holds a bool that is neither 0 nor 1")
                 a = a.view(np.bool_)
             return a
+        if etype == ValueType.STRING:
+            return _string_array(cur, n, key)
         return [_read_value(cur, etype, key, depth + 1) for _ in range(n)]
     at = cur.pos
     a = cur.array(f"value of '{key}'", _NUMERIC[vtype], 1)
