@@ -283,8 +283,19 @@ def perplexity(
 ) -> None:
     """Perplexity of FILE, scored as llama.cpp's llama-perplexity does."""
     text = _prompt_text(None, file)
-    eng = _load(model, _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget),
-                verbose)
+    rcfg = _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget)
+    if rcfg.memory_budget:  # a chunk's logits are scored outside the model: leave room for them
+        import dataclasses
+
+        n_vocab = rt.describe_model(_resolve(model))["vocab_size"]
+        reserve = 4 * ctx * n_vocab * 4  # float32 logits, their copy, float64 log-softmax temporaries
+        if reserve >= rcfg.memory_budget:
+            raise rt.EdgeLLMError(f"--memory-budget {memory_budget} cannot hold the logits of one {ctx}-token chunk "
+                                  f"(~{reserve / 2**20:,.0f} MB); lower --ctx or raise the budget")
+        if verbose:
+            typer.echo(f"[{reserve / 2**20:,.0f} MB of the budget kept for a chunk's logits]", err=True)
+        rcfg = dataclasses.replace(rcfg, memory_budget=rcfg.memory_budget - reserve)
+    eng = _load(model, rcfg, verbose)
     try:
         def progress(i, n, ppl):
             if not as_json:

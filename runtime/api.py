@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -39,15 +37,13 @@ class InvalidArgument(EdgeLLMError, ValueError):
     """A call to the Python API got a bad argument; the message names it."""
 
 
-_LATER = {"memory_budget"}  # settings validated now, used once weight streaming lands
-
-
 def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LLM":
     """Load a catalog model (fetched on first use) or a GGUF file into an `LLM`.
 
     Settings are `RuntimeConfig`'s fields: `threads`, `ctx` (or `n_ctx`), `n_batch`, `backend`, `cluster`
     (a list of "host:port" workers), `cluster_key`, ...; and `memory_budget` (bytes, or a size such as
-    "2GB"; validated, not used yet). Unknown or bad settings raise `ValueError` naming them.
+    "400M" or "1.5G": weights that do not fit stream from disk). Unknown or bad settings raise
+    `ValueError` naming them.
     `progress(stage, done_bytes, total_bytes)` is called while a catalog model is downloaded.
     """
     rcfg = _runtime_config(settings)
@@ -56,40 +52,19 @@ def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LL
 
 def _runtime_config(settings: dict) -> RuntimeConfig:
     known = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    unknown = sorted(set(settings) - known - _LATER - {"ctx"})
+    unknown = sorted(set(settings) - known - {"ctx"})
     if unknown:
         raise InvalidArgument(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(known | _LATER | {'ctx'}))}")
+                              f"known: {', '.join(sorted(known | {'ctx'}))}")
     kw = dict(settings)
     if "ctx" in kw:
         if "n_ctx" in kw:
             raise InvalidArgument("give ctx or n_ctx, not both")
         kw["n_ctx"] = kw.pop("ctx")
-    if "memory_budget" in kw:
-        kw["memory_budget"] = _budget_bytes(kw["memory_budget"])
-    for k in _LATER - known:
-        if kw.pop(k, None) is not None:
-            warnings.warn(f"edgellm: the {k} setting is accepted but not implemented yet; ignored", stacklevel=3)
     try:
         return RuntimeConfig(**kw)
     except ConfigError as e:  # names the setting; a ValueError like every other bad argument here
         raise InvalidArgument(str(e)) from None
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def _budget_bytes(v) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", v)
-        if m and m.group(2).lower() in _UNITS:
-            v = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise InvalidArgument(f"memory_budget must be a positive number of bytes or a size like '2GB', not {v!r}")
-    return v
 
 
 class LLM:

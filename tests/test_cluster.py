@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
-from edgellm.runtime.cluster import ClusterError, keygen, load_key, plan as P, wire
+from edgellm.runtime.cluster import ClusterError, keygen, load_key, messages, plan as P, wire
 
 from .conftest import model_file, reference_file
 from .test_models import NEAR_TIE, check_step
@@ -175,14 +174,14 @@ def test_frames_are_authenticated_bounded_and_ordered():
 
     c, w = pair()
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    c.send(wire.SUM, x)
-    t, pl = w.recv(time.monotonic() + 5, (wire.SUM,))
+    c.send(messages.SUM, x)
+    t, pl = w.recv(time.monotonic() + 5, (messages.SUM,))
     assert np.array_equal(wire.array(pl, np.float32, (3, 4)), x)
     with pytest.raises(wire.ProtocolError, match="expected"):
-        c.send(wire.BYE)
-        w.recv(time.monotonic() + 5, (wire.SUM,))
+        c.send(messages.BYE)
+        w.recv(time.monotonic() + 5, (messages.SUM,))
     c, w = pair()  # a flipped payload byte
-    c.send(wire.SUM, x)
+    c.send(messages.SUM, x)
     frame = bytearray(c.out[:wire.HEADER.size + x.nbytes + wire.MAC_BYTES])
     w.sock.recv(len(frame))  # drop the genuine frame, then deliver a tampered copy
     frame[wire.HEADER.size + 5] ^= 1
@@ -190,14 +189,14 @@ def test_frames_are_authenticated_bounded_and_ordered():
     with pytest.raises(wire.ProtocolError, match="authentication failed"):
         w.recv(time.monotonic() + 5)
     c, w = pair()  # a replayed frame
-    c.send(wire.SUM, x)
+    c.send(messages.SUM, x)
     frame = bytes(c.out[:wire.HEADER.size + x.nbytes + wire.MAC_BYTES])
     w.recv(time.monotonic() + 5)
     c.sock.sendall(frame)
     with pytest.raises(wire.ProtocolError, match="sequence"):
         w.recv(time.monotonic() + 5)
     c, w = pair()  # a length beyond the limit is refused before anything is read or allocated
-    c.sock.sendall(wire.HEADER.pack(wire.SUM, 0, 0, wire.HARD_LIMIT + 1, 0))
+    c.sock.sendall(wire.HEADER.pack(messages.SUM, 0, 0, wire.HARD_LIMIT + 1, 0))
     with pytest.raises(wire.ProtocolError, match="exceeds"):
         w.recv(time.monotonic() + 5)
     with pytest.raises(wire.PeerGone):  # and silence ends in a timeout, not a hang
@@ -221,7 +220,7 @@ def test_cluster_matches_single_node(nodes, name):
             if n == 4:
                 sent = cm.live[2].ch.sent_bytes  # the worker without the file got its shard
                 assert sent >= 0.9 * held[3], (sent, held[3])
-            for p in ref["prompts"]:
+            for p in ref["prompts"] if n == 4 else ref["prompts"][:2]:
                 ids = p["prompt_ids"] + p["gen_ids"][:-1]
                 logits = eng.prefill(ids, all_logits=True)[len(p["prompt_ids"]) - 1:]
                 for s in range(32):
@@ -335,7 +334,7 @@ def test_bad_peers_are_rejected_without_disturbing_a_session(tmp_path):
         before = eng.prefill([2, 818, 5279, 529], all_logits=True)
         silent = _raw(w.address)  # connects, sends nothing
         garbage = _raw(w.address, os.urandom(40))
-        huge = _raw(w.address, wire.HEADER.pack(wire.STEP, 0, 0, 1 << 31, 0) + b"\0" * 24)
+        huge = _raw(w.address, wire.HEADER.pack(messages.STEP, 0, 0, 1 << 31, 0) + b"\0" * 24)
         for s in (garbage, huge):
             assert _closed_by_peer(s, 5)
         with pytest.raises(ClusterError, match="authentication failed"):  # wrong key
@@ -352,7 +351,7 @@ def test_bad_peers_are_rejected_without_disturbing_a_session(tmp_path):
     host, port = w.address.rsplit(":", 1)
     s = socket.create_connection((host, int(port)), timeout=5)
     ch = wire.handshake_coordinator(s, load_key(key), 5)
-    s.sendall(wire.HEADER.pack(wire.OPEN, 0, 0, wire.HARD_LIMIT * 4, 0))
+    s.sendall(wire.HEADER.pack(messages.OPEN, 0, 0, wire.HARD_LIMIT * 4, 0))
     with pytest.raises(ClusterError, match="exceeds"):
         ch.recv(time.monotonic() + 5)
     s.close()

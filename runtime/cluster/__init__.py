@@ -1,7 +1,8 @@
 """Tensor parallelism across a LAN, applied to the model from outside.
 
 `plan` decides which rows and columns of every weight each node holds, `shard` is the weight store
-over one node's slices, `wire` the authenticated framed transport, `worker` serves a shard,
+over one node's slices, `wire` the authenticated framed transport and `messages` what travels on it,
+`replica` finds or keeps model files by hash, `worker` serves a shard,
 `coordinator` is the Model stand-in that runs one shard and drives the rest. The architecture files
 know only `Model.reduce`, which the cluster replaces with its all-reduce.
 """

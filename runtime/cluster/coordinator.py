@@ -23,13 +23,14 @@ from ...errors import EdgeLLMError
 from ...loaders.gguf import GGUFFile
 from . import wire
 from .plan import local_config, make_plan
-from .replica import digest_of, piece_bytes
-from .shard import ShardedWeights, read_columns
-from .wire import (BYE, INFO, LOGITS, NEED, OPEN, PARTIAL, PIECE, PLAN, PROGRESS, READY, STEP, SUM,
-                   ClusterError, array)
-from .worker import INFO_S, OPEN_S, PIECE_S, PLAN_S, PROBE, READY_S, ROWS_S, STEP_S, step_limit
+from .replica import digest_of, piece_data
+from .shard import ShardedWeights
+from .messages import (BYE, INFO, INFO_S, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK, PIECE_S, PLAN,
+                       PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STEP, STEP_S, SUM, step_limit)
+from .wire import ClusterError, array
 
 log = logging.getLogger("edgellm.cluster")
+SETUP_TIMEOUT = 20.0
 
 
 class NodeFailure(Exception):
@@ -143,11 +144,11 @@ class ClusterModel:
         for p in peers:
             self._connect(p)
             self._send(p, OPEN, opened)
-            _, pl = self._recv(p, (INFO,))
+            _, pl = self._recv(p, (INFO,), self._setup_deadline())
             if len(pl) != INFO_S.size:
                 raise NodeFailure(p, "malformed INFO")
             p.has, p.budget, p.threads = INFO_S.unpack(pl)
-            p.ch.set_limit(PIECE_S.size + wire.PIECE_CHUNK)
+            p.ch.set_limit(PIECE_S.size + PIECE_CHUNK)
             if p.has == 0:  # no copy of the model at all: send the GGUF header first
                 if header is None:
                     with open(f.path, "rb") as fh:
@@ -162,19 +163,22 @@ class ClusterModel:
         for r, p in enumerate(peers, 1):
             p.shard = plan.nodes[r]
             self._send(p, PLAN, PLAN_S.pack(r, len(plan.nodes), h), table)
-        names = list(f.tensors)
-        for p in peers:
-            _, pl = self._recv(p, (NEED,))
+        for p in peers:  # a replica asks for the pieces it lacks
+            _, pl = self._recv(p, (NEED,), self._setup_deadline())
             if len(pl) % 32:
                 raise NodeFailure(p, "malformed NEED")
             for i, axis, lo, hi in array(pl, np.int64, (len(pl) // 32, 4)).tolist():
-                self._serve_piece(p, names, i, axis, lo, hi)
+                try:
+                    data = piece_data(f, i, axis, lo, hi)
+                except ValueError:
+                    raise NodeFailure(p, "asked for a piece that does not exist") from None
+                self._send_piece(p, i, axis, lo, hi, data)
         store = ShardedWeights(f, cfg, plan.nodes[0], 0, self.make_linear, self.cache)
         local = self.cls(local_config(cfg, plan.nodes[0]), rc, store, self.ops)
         store.load_all()
         for p in peers:
             while True:  # PROGRESS frames while the worker packs; each one restarts the deadline
-                t, pl = self._recv(p, (PROGRESS, READY))
+                t, pl = self._recv(p, (PROGRESS, READY), self._setup_deadline())
                 if t == READY:
                     break
             if len(pl) != READY_S.size or READY_S.unpack(pl)[0] != h:
@@ -186,6 +190,11 @@ class ClusterModel:
         log.info("cluster of %d nodes ready: %s", len(plan.nodes),
                  "; ".join(f"{n}: heads [{s.h0}, {s.h1}) FFN [{s.f0}, {s.f1}) vocab [{s.v0}, {s.v1})"
                            for n, s in zip(["coordinator"] + [p.name for p in peers], plan.nodes)))
+
+    def _setup_deadline(self) -> float:
+        """Setup waits (a node opening and parsing its file, computing what it lacks) get more time
+        than the waits of a forward pass, which detect lost nodes."""
+        return time.monotonic() + max(4 * self.timeout, SETUP_TIMEOUT)
 
     def _connect(self, p: Peer) -> None:
         p.close()
@@ -200,25 +209,10 @@ class ClusterModel:
             sock.close()
             raise NodeFailure(p, str(e)) from None
 
-    def _serve_piece(self, p: Peer, names: list[str], i: int, axis: int, lo: int, hi: int) -> None:
-        t = self.f.info(names[i]) if 0 <= i < len(names) else None
-        if t is None or axis not in (0, 1) or (axis == 1 and len(t.shape) == 1):
-            raise NodeFailure(p, "asked for a piece that does not exist")
-        limit = (t.n_rows if len(t.shape) > 1 else 1) if axis == 0 else t.shape[0] // t.type.block_size
-        if not 0 <= lo < hi <= limit:
-            raise NodeFailure(p, "asked for a piece that does not exist")
-        if axis == 0:
-            row = t.row_bytes if len(t.shape) > 1 else t.nbytes
-            data = memoryview(self.f.raw(names[i]))[lo * row:hi * row]
-        else:
-            data = memoryview(read_columns(self.f.path, t, lo, hi)).cast("B")
-        assert len(data) == piece_bytes(t, axis, lo, hi)
-        self._send_piece(p, i, axis, lo, hi, data)
-
     def _send_piece(self, p: Peer, i: int, axis: int, lo: int, hi: int, data: memoryview) -> None:
         n = len(data)
-        for at in range(0, n, wire.PIECE_CHUNK):
-            self._send(p, PIECE, PIECE_S.pack(i, axis, lo, hi, at, n), data[at:at + wire.PIECE_CHUNK])
+        for at in range(0, n, PIECE_CHUNK):
+            self._send(p, PIECE, PIECE_S.pack(i, axis, lo, hi, at, n), data[at:at + PIECE_CHUNK])
 
     def _lost(self, e: NodeFailure) -> None:
         left = [p for p in self.live if p is not e.peer]

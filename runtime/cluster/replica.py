@@ -99,6 +99,23 @@ def piece_bytes(t: TensorInfo, axis: int, lo: int, hi: int) -> int:
     return t.n_rows * (hi - lo) * t.type.type_size
 
 
+def piece_data(f: GGUFFile, i: int, axis: int, lo: int, hi: int) -> memoryview:
+    """The bytes of piece (tensor index i, axis, lo, hi) of `f`; ValueError if there is no such piece."""
+    names = list(f.tensors)
+    t = f.info(names[i]) if 0 <= i < len(names) else None
+    if t is None or axis not in (0, 1) or (axis == 1 and len(t.shape) == 1):
+        raise ValueError("no such piece")
+    limit = (t.n_rows if len(t.shape) > 1 else 1) if axis == 0 else t.shape[0] // t.type.block_size
+    if not 0 <= lo < hi <= limit:
+        raise ValueError("no such piece")
+    if axis == 0:
+        row = t.row_bytes if len(t.shape) > 1 else t.nbytes
+        return memoryview(f.raw(t.name))[lo * row:hi * row]
+    from .shard import read_columns
+
+    return memoryview(read_columns(f.path, t, lo, hi)).cast("B")
+
+
 def subtract(need: list[tuple[str, int, int, int]], have: dict) -> list[tuple[str, int, int, int]]:
     """The parts of `need` not covered by `have` ({(name, axis): [(lo, hi), ...]})."""
     out = []

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgeLLMError
+from .messages import ERROR, NAMES
 
 VERSION = 1
 MAGIC = b"EGLM"
@@ -42,13 +43,6 @@ MAC_BYTES = 32
 DEFAULT_PORT = 7370
 CONTROL_LIMIT = 1 << 20  # payload limit before a plan fixes the session's shapes
 HARD_LIMIT = 64 << 20  # no frame is ever larger
-PIECE_CHUNK = 4 << 20  # weight bytes per PIECE frame
-
-# message types
-OPEN, INFO, PLAN, NEED, PIECE, PROGRESS, READY, STEP, PARTIAL, SUM, LOGITS, ERROR, BYE = range(1, 14)
-NAMES = {v: k for k, v in dict(OPEN=OPEN, INFO=INFO, PLAN=PLAN, NEED=NEED, PIECE=PIECE, PROGRESS=PROGRESS,
-                               READY=READY, STEP=STEP, PARTIAL=PARTIAL, SUM=SUM, LOGITS=LOGITS,
-                               ERROR=ERROR, BYE=BYE).items()}
 
 
 class ClusterError(EdgeLLMError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 import time
 
@@ -27,31 +26,18 @@ from ..config import RuntimeConfig
 from ..engine import select_kernels
 from ..model import model_class
 from . import wire
+from .messages import (BYE, ERROR, INFO, INFO_S, LOGIT_CHUNK, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK,
+                       PIECE_S, PLAN, PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STEP, STEP_S, SUM, step_limit)
 from .plan import FIELDS, Plan, kv_map, local_config, node_bytes, node_tensors
 from .replica import Replica, find_local, piece_bytes, pieces_of, subtract
 from .shard import ShardedWeights
-from .wire import (BYE, INFO, LOGITS, NEED, OPEN, PARTIAL, PIECE, PLAN, PROGRESS, READY, STEP, SUM,
-                   ClusterError, ProtocolError, array)
+from .wire import ClusterError, ProtocolError, array
 
 log = logging.getLogger("edgellm.cluster")
 
-OPEN_S = struct.Struct("<32sQIII16s")  # model sha256, file size, n_ctx, n_batch, timeout ms, backend name
-INFO_S = struct.Struct("<BQI")  # has the model (0 no, 1 local file, 2 replica), budget bytes, threads
-PLAN_S = struct.Struct("<II32s")  # rank, nodes, plan hash; then the plan table int64 (nodes, FIELDS)
-PIECE_S = struct.Struct("<qqqqQQ")  # tensor index (-1: header), axis, lo, hi, offset in piece, piece bytes
-READY_S = struct.Struct("<32sQ")  # plan hash, weight bytes held
-STEP_S = struct.Struct("<IIII")  # start, n tokens, flags (1: all logits, 2: probe), 0
-PROBE = 2
-ROWS_S = struct.Struct("<II")  # first row, rows (LOGITS)
-LOGIT_CHUNK = 4 << 20
 HANDSHAKE_TIMEOUT = 5.0
 MAX_HANDSHAKES = 16
 BUSY_WAIT = 3.0  # seconds a second coordinator waits for the session in progress to end
-
-
-def step_limit(n_batch: int, n_embd: int, n_vocab_local: int) -> int:
-    rows = max(1, LOGIT_CHUNK // (4 * n_vocab_local))
-    return max(STEP_S.size + n_batch * n_embd * 4, ROWS_S.size + rows * n_vocab_local * 4)
 
 
 class Worker:
@@ -109,7 +95,7 @@ class Worker:
             self._slots.release()
         if not self._run.acquire(timeout=BUSY_WAIT):  # one coordinator at a time
             try:
-                ch.send(wire.ERROR, b"worker busy: serving another coordinator", timeout=2)
+                ch.send(ERROR, b"worker busy: serving another coordinator", timeout=2)
             except ClusterError:
                 pass
             log.warning("refused %s: busy with another coordinator", who)
@@ -127,7 +113,7 @@ class Worker:
             else:
                 log.exception("session with %s failed", who)
             try:
-                ch.send(wire.ERROR, f"worker {self.address[0]}:{self.address[1]}: {e}".encode()[:1024], timeout=2)
+                ch.send(ERROR, f"worker {self.address[0]}:{self.address[1]}: {e}".encode()[:1024], timeout=2)
             except ClusterError:
                 pass
         finally:
@@ -151,7 +137,8 @@ class Session:
         self.timeout = HANDSHAKE_TIMEOUT
 
     def deadline(self) -> float:
-        return time.monotonic() + self.timeout
+        """For the waits of the setup, when the coordinator may be busy with other nodes."""
+        return time.monotonic() + max(4 * self.timeout, 20.0)
 
     def run(self) -> None:
         ch = self.ch
@@ -168,7 +155,7 @@ class Session:
         f, has = self._model_file(hexd, size)
         ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads), timeout=self.timeout)
         replica = Replica(hexd)
-        ch.set_limit(PIECE_S.size + wire.PIECE_CHUNK)
+        ch.set_limit(PIECE_S.size + PIECE_CHUNK)
         if has == 0:
             f = self._receive_header(replica, hexd, size)
         cls = model_class(f.metadata.get("general.architecture"))
