@@ -420,7 +420,7 @@ def _cluster_config(rcfg, cluster: Optional[str], key: Optional[str], split: Opt
 def worker(
     listen: str = typer.Option("127.0.0.1:7370", "--listen", help="HOST:PORT to listen on (off loopback: needs --key)"),
     key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`)"),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 2GB"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 2G"),
     threads: Optional[int] = THREADS,
 ) -> None:
     """Serve a share of a model to a coordinator (`edgellm run MODEL --cluster HOST:PORT`)."""

@@ -5,7 +5,8 @@
     python bench/offload.py --sweep                          # window x queue depth x request size
 
 Each run is a child process under `../shared/tools/memlimit LIMIT --drop-caches` (cold page
-cache; the cgroup charges the page cache the run causes). Ours runs with --memory-budget equal to
+cache; the cgroup charges the page cache the run causes), reading a private copy of the model in
+$TMPDIR/edgellm-offload-bench (see `private_copy`). Ours runs with --memory-budget equal to
 the limit; llama.cpp (llama-cpp-python) runs with its defaults (mmap, weight repacking on) and
 with repacking off (`use_extra_bufts = False`; the weights then stay mmap'ed from the file).
 Printed per run: prefill of a 64-token prompt (the first one, which also loads compiled kernels,
@@ -147,10 +148,13 @@ def child_llama(a) -> dict:
 
 # ---- the parent -----------------------------------------------------------------------------------
 
-def disk_bandwidth(path: str, offset: int, nbytes: int, queue_depth: int, chunk: int) -> float:
-    """Bytes/s of O_DIRECT reads of [offset, offset + nbytes) in `chunk` requests, `queue_depth` in flight."""
+def disk_bandwidth(path: str, offset: int, nbytes: int, queue_depth: int, chunk: int, huge: bool = True) -> float:
+    """Bytes/s of O_DIRECT reads of [offset, offset + nbytes) in `chunk` requests, `queue_depth` in
+    flight, into buffers of 2 MiB pages as the store uses (huge) or of ordinary 4 KiB pages."""
+    from edgellm.offload.stream import _Slot
+
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    bufs = [mmap.mmap(-1, chunk) for _ in range(queue_depth)]
+    bufs = [(_Slot(chunk).view if huge else memoryview(mmap.mmap(-1, chunk))) for _ in range(queue_depth)]
     a = offset // 4096 * 4096
     offs = list(range(a, a + nbytes // chunk * chunk, chunk))
     try:
@@ -163,11 +167,40 @@ def disk_bandwidth(path: str, offset: int, nbytes: int, queue_depth: int, chunk:
         os.close(fd)
 
 
+def private_copy(src: Path) -> str:
+    """A copy of the model that no other process maps. `--drop-caches` cannot drop page cache that
+    some process has mapped, and a page is charged to the cgroup that first read it: with another
+    process (a test run, a chat) mapping the cached model, llama.cpp's mmap would find the whole
+    file in memory and be charged nothing for it."""
+    dst = Path(tempfile.gettempdir()) / "edgellm-offload-bench" / src.name
+    if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_suffix(".part")
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(16 << 20):
+                fo.write(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        tmp.rename(dst)
+    for p in (src, dst):  # drop what the copy cached (memlimit --drop-caches does the rest)
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    return str(dst)
+
+
 def run_child(limit: str, args: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as rep:
         cmd = [sys.executable, str(MEMLIMIT), limit, "--drop-caches", "--json", rep.name, "--",
                sys.executable, __file__, "--child", *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=ARGS.timeout)
+        except subprocess.TimeoutExpired:  # llama.cpp thrashing its mmap: stop the whole group
+            os.killpg(proc.pid, 9)
+            stdout, stderr = proc.communicate()
+            stderr += f"\nstopped after {ARGS.timeout} s"
+        r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
         if r.returncode == 3 and "no cgroup" in r.stderr:
             sys.exit("memlimit cannot set memory limits here (needs root and cgroup v1)")
         try:
@@ -186,7 +219,7 @@ def main() -> None:
     from edgellm.loaders.store import resolve
     from edgellm.offload import planner, stream
 
-    path = str(resolve(ARGS.model))
+    path = private_copy(resolve(ARGS.model))
     base = ["--path", path, "--n-prompt", str(ARGS.n_prompt), "--n-gen", str(ARGS.n_gen), "--threads", str(ARGS.threads)]
     from edgellm.loaders.gguf import GGUFFile
     from edgellm.runtime.model import model_class
@@ -195,16 +228,20 @@ def main() -> None:
         sizes = planner.model_sizes(f, model_class(f.metadata["general.architecture"]).config(f))
     layers = [u for u in sizes.units if u.rows is None]
     span = sum(u.nbytes for u in layers)  # the layers lie back to back (checked by model_sizes)
-    bw = statistics.median(disk_bandwidth(path, min(u.offset for u in layers), span, stream.QUEUE_DEPTH,
-                                          stream.CHUNK_BYTES) for _ in range(3))
+    first = min(u.offset for u in layers)
+    bw = statistics.median(disk_bandwidth(path, first, span, stream.QUEUE_DEPTH, stream.CHUNK_BYTES)
+                           for _ in range(3))
+    bw4k = statistics.median(disk_bandwidth(path, first, span, stream.QUEUE_DEPTH, stream.CHUNK_BYTES, huge=False)
+                             for _ in range(3))
     print(f"{ARGS.model}: {sizes.weight_bytes / 1e6:,.0f} MB of weights read per token when nothing is resident; "
-          f"O_DIRECT disk bandwidth {bw / 1e9:.2f} GB/s (median of 3 passes, queue depth {stream.QUEUE_DEPTH}, "
-          f"{stream.CHUNK_BYTES >> 20} MiB requests)")
-    results = {"model": ARGS.model, "disk_bytes_per_s": bw, "runs": []}
+          f"O_DIRECT disk bandwidth {bw / 1e9:.2f} GB/s into 2 MiB pages ({bw4k / 1e9:.2f} GB/s into 4 KiB pages), "
+          f"median of 3 passes over the layers, queue depth {stream.QUEUE_DEPTH}, {stream.CHUNK_BYTES >> 20} MiB requests")
+    results = {"model": ARGS.model, "disk_bytes_per_s": bw, "disk_bytes_per_s_4k_pages": bw4k, "runs": []}
     if ARGS.sweep:
-        configs = [(w, qd, ck) for w in (1, 2, 3) for qd in (1, 2, 4, 8) for ck in (1024, 4096)]
+        configs = [(w, qd, ck) for w in (1, 2, 3) for qd in (1, 2, 4, 8) for ck in (4096,)] + \
+                  [(2, 4, ck) for ck in (1024, 16384)]
         for w, qd, ck in configs:
-            r = run_child(ARGS.budgets[0], base + ["--budget", ARGS.budgets[0], "--window", str(w),
+            r = run_child(ARGS.budgets[0], base + ["--which", "ours", "--budget", ARGS.budgets[0], "--window", str(w),
                                                   "--queue-depth", str(qd), "--chunk-kb", str(ck)])
             roof = bw / r["stream_bytes"] if r.get("stream_bytes") else float("nan")
             print(f"window {w} qd {qd} chunk {ck:>5} KiB: decode {r.get('decode_tok_s', 0):.3f} tok/s "
@@ -235,7 +272,8 @@ def main() -> None:
 def _print_row(r: dict, roof: float) -> None:
     m = r.get("memlimit", {})
     if not r.get("ok"):
-        what = "killed by the OOM killer" if m.get("oom_killed") else r.get("error", "failed")
+        what = ("killed by the OOM killer" if m.get("oom_killed") and "stopped after" not in r.get("error", "")
+                else r.get("error", "failed"))
         print(f"{r['budget']:>5} {r['name']:<20} {what}; peak {m.get('peak_bytes', 0) / 2**20:,.0f} MiB, "
               f"read {m.get('disk_read_bytes_max_seen', 0) / 1e9:.1f} GB before", flush=True)
         return
@@ -258,6 +296,7 @@ def _args():
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--sweep", action="store_true", help="tune window, queue depth and request size (first budget)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--timeout", type=int, default=300, help="seconds a run may take before it is stopped")
     # child-only
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--which", help=argparse.SUPPRESS)

@@ -25,6 +25,7 @@ where the top-2 gap is below ~0.3; numba (int16 activations) and numpy (float) a
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from ..quant.ggml_types import GGMLType
-from . import qmatmul_ort
 from .qmatmul_ref import (SPLIT_BLOCK, Split, check_raw, dequantize_rows, dequantize_split, int8_error_bound,
                           matmul_split, split)
 
@@ -55,7 +55,7 @@ class PackedWeight:
     n: int  # output rows
     k: int  # input columns
     backend: str  # "onnxruntime" | "numba" | "numpy" | "float" (dequantized float32 matrix)
-    data: Any  # qmatmul_ort.OrtMatmul | qmatmul_numba.Tiles | Split (numpy) | float32 (N, K)
+    data: Any  # qmatmul_ort.OrtMatmul | qmatmul_numba.Packed | Split (numpy) | float32 (N, K)
     raw: np.ndarray | None  # uint8 (N, row_bytes), kept (a view, no copy) by onnxruntime for matvec_rows
 
     @property
@@ -72,8 +72,20 @@ class PackedWeight:
 
 # ---- configuration ------------------------------------------------------------------------------
 
+def _ort():
+    """qmatmul_ort, imported on first use: onnxruntime costs ~40 MB of resident memory and a
+    fraction of a second, which the default backend (numba) does not need."""
+    from . import qmatmul_ort
+    return qmatmul_ort
+
+
+def _ort_available() -> bool:
+    """Whether onnxruntime is installed, without importing it."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def available_backends() -> list[str]:
-    return [b for b in BACKENDS if b != "onnxruntime" or qmatmul_ort.available()
+    return [b for b in BACKENDS if b != "onnxruntime" or _ort_available()
             if b != "numba" or qmatmul_numba is not None]
 
 
@@ -130,7 +142,7 @@ def _set_blas_threads(n: int) -> None:
 def describe_backend(backend: str | None = None) -> str:
     """One line naming the backend (`backend`, or the default) and what runs where."""
     b = backend or default_backend()
-    what = {"onnxruntime": f"onnxruntime {getattr(qmatmul_ort.ort, '__version__', '?')} MatMulNBits "
+    what = {"onnxruntime": f"onnxruntime {getattr(_ort().ort, '__version__', '?')} MatMulNBits "
                            "(int8 activations) for Q4_K/Q5_0/Q6_K/Q8_0",
             "numba": f"numba int16-activation kernels for T<={qmatmul_numba.SMALL_T}, dequantized tiles + BLAS above",
             "numpy": "numpy dequantized tiles + BLAS"}[b]
@@ -177,7 +189,7 @@ def _pack(raw: np.ndarray, ggml_type: GGMLType | int, k: int, backend: str | Non
     if t not in SPLIT_BLOCK:
         return PackedWeight(t, n, k, "float", np.ascontiguousarray(dequantize_rows(rows, t, k)), rows)
     if backend == "onnxruntime":
-        return PackedWeight(t, n, k, backend, qmatmul_ort.OrtMatmul(rows, t, k, get_threads()), rows)
+        return PackedWeight(t, n, k, backend, _ort().OrtMatmul(rows, t, k, get_threads()), rows)
     if backend == "numba":
         return PackedWeight(t, n, k, backend, qmatmul_numba.pack(rows, t, k), None)
     return PackedWeight(t, n, k, backend, split(rows, t, k), None)
@@ -194,7 +206,7 @@ def matmul(w: PackedWeight, x: np.ndarray) -> np.ndarray:
         return x @ w.data.T
     if w.backend == "onnxruntime":
         if w.data.threads != get_threads():
-            w.data = qmatmul_ort.OrtMatmul(w.raw, w.ggml_type, w.k, get_threads())
+            w.data = _ort().OrtMatmul(w.raw, w.ggml_type, w.k, get_threads())
         return w.data(x)
     if w.backend == "numba":
         return qmatmul_numba.matmul(w.data, x)

@@ -3,22 +3,27 @@ its bytes arrive (streamed layers, offload/), and resident weights cost exactly 
 
     y = matmul(raw, GGMLType.Q4_K, k, x)   # raw uint8 (N, row_bytes), x (T, K) f32 -> (T, N) f32
 
-Types: Q4_K, Q6_K, Q8_0, Q5_0 (the shipped models' types), F32 and F16 (numpy BLAS); others are
-dequantized by the numpy reference and multiplied by BLAS.
+Packing for the other backends costs ~60 ms (numba) to ~125 ms (onnxruntime) a layer of the 1.5B
+model, more than reading it from disk (~10 ms): too slow to redo for every streamed layer.
 
-- T <= SMALL_T (decode): activations are rounded to int8 as llama.cpp's CPU path does: per
-  256-element super-block for the K-quants (q8_K: one scale, int sums per 16), per 32-element
-  block for Q8_0/Q5_0 (q8_0). Each output row is one int32 dot product per sub-block, scaled in
-  float32 in a fixed order, one row per thread iteration: a row's result does not depend on which
-  other rows are computed with it, so a matrix computed in row chunks (a streamed output head)
-  equals the same matrix computed whole, bit for bit.
-- T > SMALL_T (prefill): tiles of TILE_ROWS(k) rows are dequantized to float32 (the exact GGUF
-  values) and multiplied by BLAS. Tile boundaries sit at absolute row multiples of the tile
-  height, so the same holds for any chunking at those multiples (`tile_rows`).
+- T <= SMALL_T (decode): the numba backend's activations (its `quantize_x`: int16 per scale block
+  of 32 elements, 16 for Q6_K), exact int32 block dot products, then per row, in block order,
+  y = sum_b scale_b * (xd_b * dot_b) - sum_b mins_b * xsum_b (Q4_K has mins) in float32. As
+  accurate as float32 products; equal to the numba backend's within float32 rounding (it sums the
+  blocks in 16 vector lanes), not bit for bit. One row per loop iteration: a row's result does not
+  depend on which rows share the call, so a matrix computed in row chunks (a streamed output
+  head) equals it computed whole, and the result does not depend on the thread count.
+- T > SMALL_T (prefill): tiles of `tile_rows(k)` rows are dequantized to float32 (the exact GGUF
+  values) and multiplied by single-threaded BLAS, one call per tile as the numba backend cuts
+  them: bit-identical to it. Row chunks starting at multiples of `tile_rows(k)` issue the same
+  calls as the whole matrix.
 
-Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12 packed 6-bit scales/mins, 128 nibbles (4
-chunks of 64 elements, low nibbles first); Q6_K 210 = 128 low nibbles, 64 bytes of 2-bit highs,
-16 int8 scales, d; Q8_0 34 = d, 32 int8; Q5_0 22 = d, 32 high bits (u32), 16 nibbles.
+Types: Q4_K, Q6_K, Q8_0, Q5_0 (the shipped models' types); F32, F16 and others are dequantized
+(numpy reference) and multiplied by BLAS. Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12
+packed 6-bit scales/mins, 128 nibbles (4 chunks of 64 elements, low nibbles first); Q6_K 210 =
+128 low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d; Q8_0 34 = d, 32 int8; Q5_0 22 = d,
+32 high bits (u32), 16 nibbles. Single-thread speed on the 1.5B model's matrices (decode, one
+token): Q4_K ~16, Q6_K ~12 G weights/s; Q8_0 ~4 (LLVM keeps that loop scalar).
 """
 from __future__ import annotations
 
@@ -26,12 +31,13 @@ import numpy as np
 from numba import njit
 
 from ..quant.ggml_types import GGMLType
+from . import qmatmul_numba as _nb
+from .qmatmul_ref import SPLIT_BLOCK
 
 F32 = np.float32
 I32 = np.int32
 U64 = np.uint64
-SMALL_T = 4  # measured crossover: int8 rows cost ~1.8 ms a token per 1.5B layer, float tiles ~6 ms + 0.4 ms a token
-_TILE_BYTES = 1 << 20  # float32 bytes of dequantized rows per BLAS call (about one L2)
+SMALL_T = _nb.SMALL_T  # the numba backend's switch from integer kernels to float tiles + BLAS
 FUSED = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
 
 # every float16 bit pattern -> float32 (exact), indexed by the little-endian u16
@@ -39,191 +45,176 @@ _F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).asty
 
 
 def tile_rows(k: int) -> int:
-    """Rows per dequantized tile on the prefill path: a power of two from 64 to 1024 (so it divides
-    1024), about _TILE_BYTES of float32. Row chunks of a matrix that start at multiples of it (of
-    1024, say) give products bit-identical to the whole matrix's."""
-    p = 64
-    while p < 1024 and 2 * p * 4 * k <= _TILE_BYTES:
-        p *= 2
-    return p
+    """Rows per BLAS call on the prefill path (~1 MB of float32), as the numba backend's matmul
+    cuts them. Row chunks of a matrix that start at multiples of it give bit-identical products."""
+    return max(16, _nb._TILE_BYTES // (4 * k) // 16 * 16)
 
 
-# ---- activations --------------------------------------------------------------------------------
-
-@njit(cache=True)
-def _quantize_x(x, bs, sub, xq, xd, xs):
-    """x (T, K) f32 -> xq (T, K) i8, xd (T, K // bs) f32 scales (amax / 127), xs (T, K // sub)
-    int32 sums of xq per `sub` elements."""
+def quantize_x(x: np.ndarray, bs: int):
+    """x (T, K) -> int16 (T * K,), scales (T, K // bs), float sums (T, K // bs): the numba
+    backend's own rounding (its `quantize_x`)."""
     t_n, k = x.shape
-    for t in range(t_n):
-        for b in range(k // bs):
-            amax = F32(0.0)
-            for i in range(b * bs, b * bs + bs):
-                amax = max(amax, abs(x[t, i]))
-            d = amax / F32(127.0)
-            inv = F32(127.0) / amax if amax > 0 else F32(0.0)
-            xd[t, b] = d
-            for i in range(b * bs, b * bs + bs):
-                xq[t, i] = np.int8(min(F32(127.0), max(F32(-127.0), np.rint(x[t, i] * inv))))
-        for s in range(k // sub):
-            acc = I32(0)
-            for i in range(s * sub, s * sub + sub):
-                acc += I32(xq[t, i])
-            xs[t, s] = acc
-
-
-def quantize_x(x: np.ndarray, bs: int, sub: int):
-    """x (T, K) -> int8 (T, K), scales (T, K // bs), int sums (T, K // sub)."""
-    t_n, k = x.shape
-    xq = np.empty((t_n, k), np.int8)
+    xq = np.empty(t_n * k, np.int16)
     xd = np.empty((t_n, k // bs), F32)
-    xs = np.empty((t_n, k // sub), I32)
-    _quantize_x(x, bs, sub, xq, xd, xs)
+    xs = np.empty((t_n, k // bs), F32)
+    _nb.quantize_x(x, bs, xq, xd, xs)
     return xq, xd, xs
 
 
 # ---- decode kernels: one output row per iteration ----------------------------------------------
 # Indices are unsigned so numba emits no negative-index wraparound (which blocks vectorisation).
+# Integer sums are cast back to int32 as they go: numba widens int32 arithmetic to int64, and the
+# truncation lets LLVM keep 16 int32 lanes and use vpmaddwd / vpdpwssd (1.7-2.2x the int64 loop).
+# Float operations: c += scale * (xd * a) per block in order, then c -= mins * xsum per block in
+# order; no fastmath, so no reassociation or FMA (tests/test_offload.py checks the bits).
 
 @njit(cache=True, inline="always")
 def _h(raw, p, f16):  # the f16 at byte p -> f32
     return f16[U64(raw[p]) | (U64(raw[p + U64(1)]) << U64(8))]
 
 
+@njit(cache=True, inline="always")
+def _q4k_scale_min(raw, s, j):
+    """The 6-bit scale and min of sub-block j (0..7) from the 12 bytes at s."""
+    if j < 4:
+        return I32(raw[s + U64(j)] & 63), I32(raw[s + U64(j + 4)] & 63)
+    a = U64(j - 4)
+    sc = I32((raw[s + U64(8) + a] & 15) | ((raw[s + a] >> 6) << 4))
+    m = I32((raw[s + U64(8) + a] >> 4) | ((raw[s + U64(4) + a] >> 6) << 4))
+    return sc, m
+
+
 @njit(cache=True, nogil=True)
-def _mv_q4_k(raw, r0, r1, xq, xd, xs, f16, out):
-    """raw (N * RB,) u8, xq (T, K) i8, xd (T, K/256), xs (T, K/16) -> out (T, N)."""
-    t_n, k = xq.shape
+def _mv_q4_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd/xs (T, K/32) -> out (T, N)."""
+    t_n = xd.shape[0]
+    k = xq.shape[0] // t_n
     nb = k // 256
     rb = U64(nb * 144)
-    xq1 = xq.reshape(-1)
+    xq1 = xq
     for r in range(r0, r1):
         for t in range(t_n):
-            acc = F32(0.0)
+            c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 144)
                 d = _h(raw, p, f16)
-                dmin = _h(raw, p + U64(2), f16)
                 s = p + U64(4)
-                xo = U64(t * k + b * 256)
-                sumi = I32(0)
-                summ = I32(0)
-                for j in range(4):  # chunk j: elements 64j..64j+31 (low nibbles), 64j+32.. (high)
-                    if j < 2:
-                        sc0 = I32(raw[s + U64(2 * j)] & 63)
-                        m0 = I32(raw[s + U64(2 * j + 4)] & 63)
-                        sc1 = I32(raw[s + U64(2 * j + 1)] & 63)
-                        m1 = I32(raw[s + U64(2 * j + 5)] & 63)
-                    else:
-                        a = U64(2 * j - 4)
-                        sc0 = I32((raw[s + U64(8) + a] & 15) | ((raw[s + a] >> 6) << 4))
-                        m0 = I32((raw[s + U64(8) + a] >> 4) | ((raw[s + U64(4) + a] >> 6) << 4))
-                        sc1 = I32((raw[s + U64(9) + a] & 15) | ((raw[s + U64(1) + a] >> 6) << 4))
-                        m1 = I32((raw[s + U64(9) + a] >> 4) | ((raw[s + U64(5) + a] >> 6) << 4))
+                for j in range(4):  # chunk j: sub-block 2j in the low nibbles, 2j+1 in the high
                     q = p + U64(16 + 32 * j)
-                    xa = xo + U64(64 * j)
+                    xa = U64(t * k + b * 256 + 64 * j)
                     lo = I32(0)
                     hi = I32(0)
                     for l in range(32):
-                        v = raw[q + U64(l)]
-                        lo += I32(v & 15) * I32(xq1[xa + U64(l)])
-                        hi += I32(v >> 4) * I32(xq1[xa + U64(32 + l)])
-                    sumi += sc0 * lo + sc1 * hi
-                    g = U64(b * 16 + 4 * j)
-                    summ += m0 * (xs[t, g] + xs[t, g + U64(1)]) + m1 * (xs[t, g + U64(2)] + xs[t, g + U64(3)])
-                acc += xd[t, b] * (d * F32(sumi) - dmin * F32(summ))
-            out[t, r] = acc
+                        v = I32(raw[q + U64(l)])
+                        lo = I32(lo + I32(I32(v & I32(15)) * I32(xq1[xa + U64(l)])))
+                        hi = I32(hi + I32(I32(v >> I32(4)) * I32(xq1[xa + U64(32 + l)])))
+                    sc0, _ = _q4k_scale_min(raw, s, 2 * j)
+                    sc1, _ = _q4k_scale_min(raw, s, 2 * j + 1)
+                    g = b * 8 + 2 * j
+                    c += (d * F32(sc0)) * (xd[t, g] * F32(lo))
+                    c += (d * F32(sc1)) * (xd[t, g + 1] * F32(hi))
+            for b in range(nb):  # the offsets, after every scaled sum (the numba backend's order)
+                p = U64(r) * rb + U64(b * 144)
+                dmin = _h(raw, p + U64(2), f16)
+                s = p + U64(4)
+                for j in range(8):
+                    _, m = _q4k_scale_min(raw, s, j)
+                    c -= (dmin * F32(m)) * xs[t, b * 8 + j]
+            out[t, r] = c
 
 
 @njit(cache=True, nogil=True)
-def _mv_q6_k(raw, r0, r1, xq, xd, xs, f16, out):
-    """raw (N * RB,) u8, xq (T, K) i8, xd (T, K/256) -> out (T, N)."""
-    t_n, k = xq.shape
+def _mv_q6_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd (T, K/16) -> out (T, N)."""
+    t_n = xd.shape[0]
+    k = xq.shape[0] // t_n
     nb = k // 256
     rb = U64(nb * 210)
-    xq1 = xq.reshape(-1)
+    xq1 = xq
     for r in range(r0, r1):
         for t in range(t_n):
-            acc = F32(0.0)
+            c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 210)
                 d = _h(raw, p + U64(208), f16)
-                sumi = I32(0)
-                for h in range(2):  # halves of 128 elements
+                for h in range(2):  # halves of 128 elements: sub-blocks of 16, 8 per half
                     ql = p + U64(64 * h)
                     qh = p + U64(128 + 32 * h)
                     sc = p + U64(192 + 8 * h)
                     xa = U64(t * k + b * 256 + 128 * h)
-                    for g in range(2):  # l in [16g, 16g + 16): one scale per 16 elements per quarter
-                        a1 = I32(0)
-                        a2 = I32(0)
-                        a3 = I32(0)
-                        a4 = I32(0)
-                        for l in range(16 * g, 16 * g + 16):
-                            u = U64(l)
-                            lq = raw[ql + u]
-                            lq2 = raw[ql + U64(32) + u]
-                            hq = raw[qh + u]
-                            q1 = I32((lq & 15) | ((hq & 3) << 4)) - 32
-                            q2 = I32((lq2 & 15) | (((hq >> 2) & 3) << 4)) - 32
-                            q3 = I32((lq >> 4) | (((hq >> 4) & 3) << 4)) - 32
-                            q4 = I32((lq2 >> 4) | (((hq >> 6) & 3) << 4)) - 32
-                            a1 += q1 * I32(xq1[xa + u])
-                            a2 += q2 * I32(xq1[xa + U64(32) + u])
-                            a3 += q3 * I32(xq1[xa + U64(64) + u])
-                            a4 += q4 * I32(xq1[xa + U64(96) + u])
-                        s1 = I32(np.int8(raw[sc + U64(g)]))
-                        s2 = I32(np.int8(raw[sc + U64(2 + g)]))
-                        s3 = I32(np.int8(raw[sc + U64(4 + g)]))
-                        s4 = I32(np.int8(raw[sc + U64(6 + g)]))
-                        sumi += s1 * a1 + s2 * a2 + s3 * a3 + s4 * a4
-                acc += xd[t, b] * (d * F32(sumi))
-            out[t, r] = acc
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = I32(0)  # a_i: sub-block i of the half
+                    for l in range(16):
+                        u = U64(l)
+                        lq = I32(raw[ql + u])
+                        lq2 = I32(raw[ql + U64(32) + u])
+                        hq = I32(raw[qh + u])
+                        a0 = I32(a0 + I32(I32(I32(lq & I32(15)) | I32(I32(hq & I32(3)) << I32(4))) * I32(xq1[xa + u])))
+                        a2 = I32(a2 + I32(I32(I32(lq2 & I32(15)) | I32(I32(hq & I32(12)) << I32(2))) * I32(xq1[xa + U64(32) + u])))
+                        a4 = I32(a4 + I32(I32(I32(lq >> I32(4)) | I32(hq & I32(48))) * I32(xq1[xa + U64(64) + u])))
+                        a6 = I32(a6 + I32(I32(I32(lq2 >> I32(4)) | I32(I32(hq & I32(192)) >> I32(2))) * I32(xq1[xa + U64(96) + u])))
+                    for l in range(16, 32):
+                        u = U64(l)
+                        lq = I32(raw[ql + u])
+                        lq2 = I32(raw[ql + U64(32) + u])
+                        hq = I32(raw[qh + u])
+                        a1 = I32(a1 + I32(I32(I32(lq & I32(15)) | I32(I32(hq & I32(3)) << I32(4))) * I32(xq1[xa + u])))
+                        a3 = I32(a3 + I32(I32(I32(lq2 & I32(15)) | I32(I32(hq & I32(12)) << I32(2))) * I32(xq1[xa + U64(32) + u])))
+                        a5 = I32(a5 + I32(I32(I32(lq >> I32(4)) | I32(hq & I32(48))) * I32(xq1[xa + U64(64) + u])))
+                        a7 = I32(a7 + I32(I32(I32(lq2 >> I32(4)) | I32(I32(hq & I32(192)) >> I32(2))) * I32(xq1[xa + U64(96) + u])))
+                    g = b * 16 + 8 * h
+                    # q6 - 32 in the dot: minus 32 * (the sub-block's sum of xq), exact in int32
+                    for i, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+                        a = I32(a - I32(32 * xqs[t, g + i]))
+                        c += (d * F32(np.int8(raw[sc + U64(i)]))) * (xd[t, g + i] * F32(a))
+            out[t, r] = c
 
 
 @njit(cache=True, nogil=True)
-def _mv_q8_0(raw, r0, r1, xq, xd, xs, f16, out):
-    """raw (N * RB,) u8, xq (T, K) i8, xd (T, K/32) -> out (T, N)."""
-    t_n, k = xq.shape
+def _mv_q8_0(raw, r0, r1, xq, xd, xs, xqs, f16, out):
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd (T, K/32) -> out (T, N)."""
+    t_n = xd.shape[0]
+    k = xq.shape[0] // t_n
     nb = k // 32
     rb = U64(nb * 34)
-    xq1 = xq.reshape(-1)
+    xq1 = xq
     for r in range(r0, r1):
         for t in range(t_n):
-            acc = F32(0.0)
+            c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 34)
                 xa = U64(t * k + b * 32)
-                s = I32(0)
+                a = I32(0)
                 for l in range(32):
-                    s += I32(np.int8(raw[p + U64(2 + l)])) * I32(xq1[xa + U64(l)])
-                acc += xd[t, b] * (_h(raw, p, f16) * F32(s))
-            out[t, r] = acc
+                    a = I32(a + I32(I32(np.int8(raw[p + U64(2 + l)])) * I32(xq1[xa + U64(l)])))
+                c += _h(raw, p, f16) * (xd[t, b] * F32(a))
+            out[t, r] = c
 
 
 @njit(cache=True, nogil=True)
-def _mv_q5_0(raw, r0, r1, xq, xd, xs, f16, out):
-    """raw (N * RB,) u8, xq (T, K) i8, xd (T, K/32) -> out (T, N)."""
-    t_n, k = xq.shape
+def _mv_q5_0(raw, r0, r1, xq, xd, xs, xqs, f16, out):
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd (T, K/32) -> out (T, N)."""
+    t_n = xd.shape[0]
+    k = xq.shape[0] // t_n
     nb = k // 32
     rb = U64(nb * 22)
-    xq1 = xq.reshape(-1)
+    xq1 = xq
     for r in range(r0, r1):
         for t in range(t_n):
-            acc = F32(0.0)
+            c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 22)
-                qh = U64(raw[p + U64(2)]) | (U64(raw[p + U64(3)]) << U64(8)) \
-                    | (U64(raw[p + U64(4)]) << U64(16)) | (U64(raw[p + U64(5)]) << U64(24))
+                qh = I32(I32(raw[p + U64(2)]) | I32(I32(raw[p + U64(3)]) << I32(8))
+                         | I32(I32(raw[p + U64(4)]) << I32(16)) | I32(I32(raw[p + U64(5)]) << I32(24)))
                 xa = U64(t * k + b * 32)
-                s = I32(0)
-                for l in range(16):
-                    v = raw[p + U64(6 + l)]
-                    lo = I32((v & 15) | (((qh >> U64(l)) & U64(1)) << U64(4))) - 16
-                    hi = I32((v >> 4) | (((qh >> U64(l + 16)) & U64(1)) << U64(4))) - 16
-                    s += lo * I32(xq1[xa + U64(l)]) + hi * I32(xq1[xa + U64(l + 16)])
-                acc += xd[t, b] * (_h(raw, p, f16) * F32(s))
-            out[t, r] = acc
+                a = I32(0)
+                for l in range(16):  # q in 0..31 here; the -16 comes below, exactly
+                    v = I32(raw[p + U64(6 + l)])
+                    lo = I32(I32(v & I32(15)) | I32(I32(I32(qh >> I32(l)) & I32(1)) << I32(4)))
+                    hi = I32(I32(v >> I32(4)) | I32(I32(I32(qh >> I32(l + 16)) & I32(1)) << I32(4)))
+                    a = I32(a + I32(lo * I32(xq1[xa + U64(l)])) + I32(hi * I32(xq1[xa + U64(l + 16)])))
+                a = I32(a - I32(16 * xqs[t, b]))
+                c += _h(raw, p, f16) * (xd[t, b] * F32(a))
+            out[t, r] = c
 
 
 # ---- dequantization to float32 (the exact GGUF values) ------------------------------------------
@@ -415,17 +406,20 @@ def matmul(raw: np.ndarray, ggml_type: GGMLType, k: int, x: np.ndarray) -> np.nd
     n = raw.shape[0]
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"matmul: x has shape {x.shape}, expected (T, {k})")
-    out = np.empty((x.shape[0], n), F32)
+    if t not in _MV:  # F32, F16, others: one float32 matrix and one BLAS call, as linear.py does
+        return x @ dequantize_rows(raw, t, k).T
     flat = _flat(raw)
-    if t in _MV and x.shape[0] <= SMALL_T:  # int8 activations; rows in ~4 pieces per thread
-        bs = 256 if t in (GGMLType.Q4_K, GGMLType.Q6_K) else 32
-        xq, xd, xs = quantize_x(x, bs, 16 if bs == 256 else 32)
+    if x.shape[0] <= SMALL_T:  # int16 activations; rows in ~4 pieces per thread
+        xq, xd, xs = quantize_x(x, SPLIT_BLOCK[t])
+        xqs = xq.reshape(x.shape[0], -1, SPLIT_BLOCK[t]).sum(axis=2, dtype=I32)  # (T, K / bs) int sums
+        out = np.empty((x.shape[0], n), F32)
         kern = _MV[t]
         pieces = max(1, min(4 * _state["threads"], n // 256))
         cuts = [n * i // pieces for i in range(pieces + 1)]
-        _run(lambda i, _: kern(flat, cuts[i], cuts[i + 1], xq, xd, xs, _F16, out), pieces)
+        _run(lambda i, _: kern(flat, cuts[i], cuts[i + 1], xq, xd, xs, xqs, _F16, out), pieces)
         return out
     tile = tile_rows(k)  # float32 tiles + 1-thread BLAS, one tile per item
+    out = np.empty((x.shape[0], n), F32)
 
     def work(i, scratch):
         buf = scratch.get("buf")

@@ -418,6 +418,20 @@ class GGUFFile:
         a = np.frombuffer(self._buf, dtype=dt, count=t.n_elements, offset=t.offset)
         return a.reshape(tuple(reversed(t.shape)))
 
+    def drop_pages(self, name: str | None = None) -> None:
+        """Let go of the resident pages of one tensor (or the whole mapping) once its weights were
+        copied or packed elsewhere; views stay valid and fault pages back in when touched."""
+        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+            return
+        if name is None:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+            return
+        t = self.info(name)
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages inside or around the tensor
+        end = min(-(-(t.offset + t.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, self.file_size)
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Release the mapping (views handed out keep it alive until they are dropped)."""
         self._buf = None

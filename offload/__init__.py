@@ -15,9 +15,11 @@ from .stream import StreamingWeights
 __all__ = ["BudgetError", "Plan", "StreamingWeights", "auto_budget", "parse_size", "plan_for"]
 
 
-def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None):
-    """The plan for GGUFFile `f` (ModelConfig `cfg`) under `budget` bytes, and its units."""
-    sizes = model_sizes(f, cfg)
+def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None,
+             row_align=None):
+    """The plan for GGUFFile `f` (ModelConfig `cfg`) under `budget` bytes, and its units;
+    `row_align(K)`: the kernels' tile height, where output-head chunks must start."""
+    sizes = model_sizes(f, cfg, row_align)
     n_ctx = min(n_ctx, cfg.n_ctx_train)
     p = plan(budget, sizes, n_ctx, n_batch, baseline=measure_baseline(), threads=threads, window=window)
     return p, sizes.units

@@ -23,26 +23,25 @@ MIN_BATCH tokens; below it `plan` raises `BudgetError` naming the minimum and it
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import EdgeLLMError
 
 MB = 1 << 20
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices too)
-HEAD_ROW_ALIGN = 1024  # head chunks start at multiples of this many rows (kernels' tiles divide it)
+HUGE = 2 << 20  # buffers are backed by 2 MiB pages (offload/stream.py): sizes round up to them
 MIN_BATCH = 16
-WINDOW = 2  # layers read ahead of the one computing (measured: bench/offload.py --sweep)
+WINDOW = 2  # units read ahead of the one computing (window 1 decodes ~20% slower: offload/stream.py)
 ACT_SHARE = 8  # activations get at most 1/ACT_SHARE of the budget (n_batch shrinks to fit)
 SLACK = 24 * MB  # page cache the run causes (file header, row reads), allocator fragmentation
-# The process without weights: what it holds when the plan is made (Python, numpy, the tokenizer:
-# 88-96 MB measured for the shipped models) plus what the first forward pass adds besides weights,
-# KV cache and activations: numba's compiled kernels and LLVM (+58 MB anonymous), the libraries'
-# hot pages (+38 of +77 MB mapped file pages; the rest is cold after loading and is reclaimed
-# under a limit), OpenBLAS buffers. Measured with /proc/self/status RssAnon and RssFile before the
-# plan and after the first tokens (qwen2.5-coder-0.5b and gemma3-270m).
-FIRST_PASS = 96 * MB
+# The process without weights: what it holds when the plan is made (Python, numpy, numba, the
+# tokenizer: VmRSS 151-159 MB measured for the shipped models, numba imported) plus what the first
+# forward passes add besides weights, KV cache and activations: numba's compiled kernels loaded
+# from its cache, the libraries' pages they touch, OpenBLAS buffers, allocator leftovers (+73 MB
+# measured: VmRSS before the plan and after the first tokens, minus the plan's weights).
+FIRST_PASS = 80 * MB
 BASELINE = 160 * MB  # the floor, when /proc/self/status cannot be read
 
 
@@ -102,10 +101,11 @@ class ModelSizes:
         return sum(u.nbytes for u in self.units)
 
 
-def model_sizes(f, cfg, kv_itemsize: int = 2) -> ModelSizes:
+def model_sizes(f, cfg, row_align: Callable[[int], int] | None = None, kv_itemsize: int = 2) -> ModelSizes:
     """Units of a GGUFFile `f` (with its ModelConfig `cfg`): each layer's matrices must be one
     contiguous run of the file (checked; GGUF writers group a layer's tensors), the head is cut
-    into chunks of whole rows no larger than the largest layer."""
+    into chunks of whole rows no larger than the largest layer, each starting at a multiple of
+    `row_align(K)` rows (the kernels' tile height: chunked products then equal whole ones)."""
     layers: dict[int, list] = {}
     small, small_bytes = [], 0
     for t in f.tensors.values():
@@ -131,7 +131,8 @@ def model_sizes(f, cfg, kv_itemsize: int = 2) -> ModelSizes:
     head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
     h = f.tensors[head]
     largest = max(u.nbytes for u in units)
-    rows_per = max(HEAD_ROW_ALIGN, largest // h.row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN)
+    align = row_align(h.shape[0]) if row_align else 1
+    rows_per = max(align, largest // h.row_bytes // align * align)
     n_rows = h.n_rows
     for r0 in range(0, n_rows, rows_per):
         r1 = min(n_rows, r0 + rows_per)
@@ -178,19 +179,23 @@ class Plan:
         return "\n".join(lines)
 
 
+def _huge(n: int) -> int:
+    return -(-n // HUGE) * HUGE
+
+
 def _spread(units: list[Unit], budget: int) -> set[str]:
     """Names of units to keep resident within `budget` bytes: the most bytes, spread evenly."""
     chosen: set[str] = set()
     left = budget
     # evenly spaced picks first (every k-th unit), then whatever else still fits, largest first
     n = len(units)
-    fit_count = min(n, int(budget // max(1, max(u.nbytes for u in units)))) if units else 0
+    fit_count = min(n, int(max(0, budget) // max(1, max(u.span for u in units)))) if units else 0
     order = [units[int(i * n / fit_count)] for i in range(fit_count)] if fit_count else []
-    order += sorted(units, key=lambda u: -u.nbytes)
+    order += sorted(units, key=lambda u: -u.span)
     for u in order:
-        if u.name not in chosen and u.nbytes <= left:
+        if u.name not in chosen and u.span <= left:
             chosen.add(u.name)
-            left -= u.nbytes
+            left -= u.span
     return chosen
 
 
@@ -201,7 +206,7 @@ def plan(budget: int, s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = B
     kv = s.kv_bytes_per_token * n_ctx
     fixed = {"process (Python, numpy, numba)": baseline, "KV cache": kv, "small tensors (norms, biases)": s.small_bytes,
              "slack (page cache, allocator)": slack}
-    slot = max(u.span for u in s.units)
+    slot = _huge(max(u.span for u in s.units))
     want_batch = max(1, min(n_batch, n_ctx))
 
     def act(b):
@@ -225,27 +230,26 @@ def plan(budget: int, s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = B
     # the window: WINDOW units ahead if they fit (fewer if not), then resident weights
     w_target = WINDOW if window is None else window
     w = max(0, min(w_target, left // slot - 1))
-    everything = s.weight_bytes
-    if left >= everything:  # the whole model fits: nothing streams
+    if left >= _huge(sum(u.span for u in s.units)):  # the whole model fits: nothing streams
         resident, w, slots = {u.name for u in s.units}, 0, 0
     else:
-        resident = _spread(list(s.units), left - (w + 1) * slot)
+        room = left - (w + 1) * slot - HUGE  # HUGE: the resident arena rounds up to 2 MiB pages
+        resident = _spread(list(s.units), room)
+        # buffers sized to the largest unit still streamed may leave room for more residents
         streamed_units = [u for u in s.units if u.name not in resident]
-        slot = max(u.span for u in streamed_units)
-        # buffers sized to the largest *streamed* unit may leave room for more residents
-        resident |= _spread([u for u in streamed_units], left - (w + 1) * slot - sum(
-            u.nbytes for u in s.units if u.name in resident))
+        smaller = _huge(max(u.span for u in streamed_units))
+        used = sum(u.span for u in s.units if u.name in resident)
+        resident |= _spread(streamed_units, room + (w + 1) * (slot - smaller) - used)
         streamed_units = [u for u in s.units if u.name not in resident]
         if not streamed_units:
             resident, w, slots = {u.name for u in s.units}, 0, 0
         else:
-            slot = max(u.span for u in streamed_units)
-            slots = w + 1
+            slot, slots = _huge(max(u.span for u in streamed_units)), w + 1
     streamed = tuple(u.name for u in s.units if u.name not in resident)
     parts = dict(fixed)
     parts[f"activations ({b} tokens)"] = act(b)
     parts[f"streaming buffers ({slots} x {fmt(slot)})" if slots else "streaming buffers"] = slots * slot if slots else 0
-    parts["resident weights"] = sum(u.nbytes for u in s.units if u.name in resident)
+    parts["resident weights"] = _huge(sum(u.span for u in s.units if u.name in resident)) if resident else 0
     return Plan(budget, tuple(u.name for u in s.units if u.name in resident), streamed, w if slots else 0,
                 slot if slots else 0, b, parts, sum(u.span for u in s.units if u.name in streamed))
 
@@ -261,6 +265,10 @@ def full_memory(s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELIN
 def measure_baseline() -> int:
     """The process' share of the budget: its resident memory now (/proc/self/status VmRSS) plus
     what the first forward pass adds (FIRST_PASS), at least BASELINE."""
+    try:
+        import numba  # noqa: F401  (measured with it loaded, as the kernels will load it)
+    except ImportError:  # pragma: no cover - phones without numba
+        pass
     try:
         with open("/proc/self/status") as fh:
             s = fh.read()

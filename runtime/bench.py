@@ -58,7 +58,7 @@ def measure(engine, n_prompt: int = 512, n_gen: int = 64, reps: int = 3) -> dict
 
 
 _LLAMA_CPP_CHILD = r"""
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 import numpy as np
 from llama_cpp import Llama
 path, n_prompt, n_gen, reps, threads, n_ctx = sys.argv[1], *map(int, sys.argv[2:7])
@@ -74,8 +74,10 @@ for _ in range(reps):
     for i in range(n_gen):
         llm.eval([ids[i]])
     tg.append(n_gen / (time.perf_counter() - t))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({f"pp{n_prompt}_tokens_per_s": statistics.median(pp), f"tg{n_gen}_tokens_per_s": statistics.median(tg),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": hwm}))
 """
 
 

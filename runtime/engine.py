@@ -64,6 +64,14 @@ def select_kernels(backend: str | None, threads: int, streaming: bool = False):
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; ru_maxrss would include a parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -161,7 +169,10 @@ class Engine:
             budget = offload.auto_budget(self.file, self.config, rcfg.n_ctx, rcfg.n_batch)
         if budget is None:
             return None, None
-        return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.threads, budget)
+        from ..kernels_cpu.qmatmul_gguf import tile_rows
+
+        return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.threads, budget,
+                                row_align=tile_rows)
 
     # --- the forward passes ---
 

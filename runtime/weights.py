@@ -54,5 +54,7 @@ class Weights:
         for name, t in self.f.tensors.items():
             if len(t.shape) == 2 and (name != "token_embd.weight" or tied):
                 self.linear(name)
+                self.f.drop_pages(name)
             elif len(t.shape) == 1:
                 self.vector(name)
+        self.f.drop_pages()  # packing read every tensor through the mapping; keep only the packed copies

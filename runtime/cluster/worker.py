@@ -301,21 +301,16 @@ class Session:
             got += len(data)
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
 def parse_size(text: str | None) -> int | None:
-    """'2GB', '512MiB', '1e9' -> bytes; None -> None."""
+    """'2G', '512M' -> bytes (powers of 1024, as --memory-budget everywhere); None -> None."""
     if text is None:
         return None
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz ")
-    unit = t[len(num):].strip()
+    from ...offload.planner import parse_size as parse
+
     try:
-        v = float(num) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ClusterError(f"memory budget must be a size such as 2GB or 512MiB, not {text!r}") from None
+        v = parse(text)
+    except ValueError as e:
+        raise ClusterError(f"--memory-budget: {e}") from None
     if v <= 0:
         raise ClusterError(f"memory budget must be positive, not {text!r}")
-    return int(v)
+    return v
