@@ -6,13 +6,16 @@ its bytes arrive (streamed layers, offload/), and resident weights cost exactly 
 Packing for the other backends costs ~60 ms (numba) to ~125 ms (onnxruntime) a layer of the 1.5B
 model, more than reading it from disk (~10 ms): too slow to redo for every streamed layer.
 
-- T <= SMALL_T (decode): the numba backend's activations (its `quantize_x`: int16 per scale block
-  of 32 elements, 16 for Q6_K), exact int32 block dot products, then per row, in block order,
-  y = sum_b scale_b * (xd_b * dot_b) - sum_b mins_b * xsum_b (Q4_K has mins) in float32. As
-  accurate as float32 products; equal to the numba backend's within float32 rounding (it sums the
-  blocks in 16 vector lanes), not bit for bit. One row per loop iteration: a row's result does not
-  depend on which rows share the call, so a matrix computed in row chunks (a streamed output
-  head) equals it computed whole, and the result does not depend on the thread count.
+- T <= SMALL_T (decode): x is rounded to int16 (the numba backend's `quantize_x`) per 256-element
+  super-block for the K-quants, per 32-element block for Q8_0/Q5_0; block dot products and the
+  K-quants' integer scales combine exactly in int32/int64 inside a super-block, and per row the
+  super-blocks are summed in float32 in order: c += xd * (d * sum_j sc_j dot_j - dmin * sum_j
+  m_j xsum_j) (Q4_K), c += (d * xd) * sum_j sc_j dot_j (Q6_K), c += d * (xd * dot) (Q8_0/Q5_0).
+  As accurate as float32 products (int16 rounds x 256x finer than llama.cpp's int8), agreeing
+  with the numba backend (int16 per 32 or 16 elements, its own float order) within rounding, not
+  bit for bit. One row per loop iteration: a row's result does not depend on which rows share
+  the call, so a matrix computed in row chunks (a streamed output head) equals it computed
+  whole, and it does not depend on the thread count.
 - T > SMALL_T (prefill): tiles of `tile_rows(k)` rows are dequantized to float32 (the exact GGUF
   values) and multiplied by single-threaded BLAS, one call per tile as the numba backend cuts
   them: bit-identical to it. Row chunks starting at multiples of `tile_rows(k)` issue the same
@@ -23,7 +26,7 @@ Types: Q4_K, Q6_K, Q8_0, Q5_0 (the shipped models' types); F32, F16 and others a
 packed 6-bit scales/mins, 128 nibbles (4 chunks of 64 elements, low nibbles first); Q6_K 210 =
 128 low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d; Q8_0 34 = d, 32 int8; Q5_0 22 = d,
 32 high bits (u32), 16 nibbles. Single-thread speed on the 1.5B model's matrices (decode, one
-token): Q4_K ~16, Q6_K ~12 G weights/s; Q8_0 ~4 (LLVM keeps that loop scalar).
+token): Q4_K ~16, Q6_K ~16 G weights/s; Q5_0 ~10, Q8_0 ~4 (LLVM keeps that loop scalar).
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ from numba import njit
 
 from ..quant.ggml_types import GGMLType
 from . import qmatmul_numba as _nb
-from .qmatmul_ref import SPLIT_BLOCK
 
 F32 = np.float32
 I32 = np.int32
+I64 = np.int64
 U64 = np.uint64
 SMALL_T = _nb.SMALL_T  # the numba backend's switch from integer kernels to float tiles + BLAS
 FUSED = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
@@ -52,7 +55,7 @@ def tile_rows(k: int) -> int:
 
 def quantize_x(x: np.ndarray, bs: int):
     """x (T, K) -> int16 (T * K,), scales (T, K // bs), float sums (T, K // bs): the numba
-    backend's own rounding (its `quantize_x`)."""
+    backend's rounding (its `quantize_x`) with blocks of `bs`."""
     t_n, k = x.shape
     xq = np.empty(t_n * k, np.int16)
     xd = np.empty((t_n, k // bs), F32)
@@ -61,12 +64,19 @@ def quantize_x(x: np.ndarray, bs: int):
     return xq, xd, xs
 
 
+# activation blocks: K-quants round x per 256-element super-block (one float scale a super-block,
+# integer sums inside it: 16 float operations fewer per 256 weights for Q6_K, 1.4x faster), the
+# others per their 32-element block; int sums of xq per SUM_BLOCK elements serve the offsets
+X_BLOCK = {GGMLType.Q4_K: 256, GGMLType.Q6_K: 256, GGMLType.Q8_0: 32, GGMLType.Q5_0: 32}
+SUM_BLOCK = {GGMLType.Q4_K: 32, GGMLType.Q6_K: 16, GGMLType.Q8_0: 32, GGMLType.Q5_0: 32}
+
+
 # ---- decode kernels: one output row per iteration ----------------------------------------------
 # Indices are unsigned so numba emits no negative-index wraparound (which blocks vectorisation).
 # Integer sums are cast back to int32 as they go: numba widens int32 arithmetic to int64, and the
 # truncation lets LLVM keep 16 int32 lanes and use vpmaddwd / vpdpwssd (1.7-2.2x the int64 loop).
-# Float operations: c += scale * (xd * a) per block in order, then c -= mins * xsum per block in
-# order; no fastmath, so no reassociation or FMA (tests/test_offload.py checks the bits).
+# Float operations in a fixed order, no fastmath (no reassociation, no FMA): tests/test_offload.py
+# checks the bits against a numpy transcription.
 
 @njit(cache=True, inline="always")
 def _h(raw, p, f16):  # the f16 at byte p -> f32
@@ -86,7 +96,8 @@ def _q4k_scale_min(raw, s, j):
 
 @njit(cache=True, nogil=True)
 def _mv_q4_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
-    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd/xs (T, K/32) -> out (T, N)."""
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16 and xd (T, K/256) (one scale per
+    super-block), xqs (T, K/32) int32 sums of xq -> out (T, N)."""
     t_n = xd.shape[0]
     k = xq.shape[0] // t_n
     nb = k // 256
@@ -97,8 +108,9 @@ def _mv_q4_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
             c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 144)
-                d = _h(raw, p, f16)
                 s = p + U64(4)
+                sumi = I64(0)  # sum_j sc_j * (q_j . xq_j): up to 2^35, exact
+                summ = I64(0)  # sum_j m_j * sum(xq_j)
                 for j in range(4):  # chunk j: sub-block 2j in the low nibbles, 2j+1 in the high
                     q = p + U64(16 + 32 * j)
                     xa = U64(t * k + b * 256 + 64 * j)
@@ -108,24 +120,19 @@ def _mv_q4_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
                         v = I32(raw[q + U64(l)])
                         lo = I32(lo + I32(I32(v & I32(15)) * I32(xq1[xa + U64(l)])))
                         hi = I32(hi + I32(I32(v >> I32(4)) * I32(xq1[xa + U64(32 + l)])))
-                    sc0, _ = _q4k_scale_min(raw, s, 2 * j)
-                    sc1, _ = _q4k_scale_min(raw, s, 2 * j + 1)
+                    sc0, m0 = _q4k_scale_min(raw, s, 2 * j)
+                    sc1, m1 = _q4k_scale_min(raw, s, 2 * j + 1)
                     g = b * 8 + 2 * j
-                    c += (d * F32(sc0)) * (xd[t, g] * F32(lo))
-                    c += (d * F32(sc1)) * (xd[t, g + 1] * F32(hi))
-            for b in range(nb):  # the offsets, after every scaled sum (the numba backend's order)
-                p = U64(r) * rb + U64(b * 144)
-                dmin = _h(raw, p + U64(2), f16)
-                s = p + U64(4)
-                for j in range(8):
-                    _, m = _q4k_scale_min(raw, s, j)
-                    c -= (dmin * F32(m)) * xs[t, b * 8 + j]
+                    sumi += I64(sc0) * I64(lo) + I64(sc1) * I64(hi)
+                    summ += I64(m0) * I64(xqs[t, g]) + I64(m1) * I64(xqs[t, g + 1])
+                c += xd[t, b] * (_h(raw, p, f16) * F32(sumi) - _h(raw, p + U64(2), f16) * F32(summ))
             out[t, r] = c
 
 
 @njit(cache=True, nogil=True)
 def _mv_q6_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
-    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16, xd (T, K/16) -> out (T, N)."""
+    """Rows [r0, r1) of raw (N * RB,) u8; xq (T * K,) i16 and xd (T, K/256) (one scale per
+    super-block), xqs (T, K/16) int32 sums of xq -> out (T, N)."""
     t_n = xd.shape[0]
     k = xq.shape[0] // t_n
     nb = k // 256
@@ -136,7 +143,7 @@ def _mv_q6_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
             c = F32(0.0)
             for b in range(nb):
                 p = U64(r) * rb + U64(b * 210)
-                d = _h(raw, p + U64(208), f16)
+                sumi = I64(0)  # sum_i sc_i * ((q6 - 32)_i . xq_i), exact
                 for h in range(2):  # halves of 128 elements: sub-blocks of 16, 8 per half
                     ql = p + U64(64 * h)
                     qh = p + U64(128 + 32 * h)
@@ -161,11 +168,16 @@ def _mv_q6_k(raw, r0, r1, xq, xd, xs, xqs, f16, out):
                         a3 = I32(a3 + I32(I32(I32(lq2 & I32(15)) | I32(I32(hq & I32(12)) << I32(2))) * I32(xq1[xa + U64(32) + u])))
                         a5 = I32(a5 + I32(I32(I32(lq >> I32(4)) | I32(hq & I32(48))) * I32(xq1[xa + U64(64) + u])))
                         a7 = I32(a7 + I32(I32(I32(lq2 >> I32(4)) | I32(I32(hq & I32(192)) >> I32(2))) * I32(xq1[xa + U64(96) + u])))
-                    g = b * 16 + 8 * h
-                    # q6 - 32 in the dot: minus 32 * (the sub-block's sum of xq), exact in int32
-                    for i, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
-                        a = I32(a - I32(32 * xqs[t, g + i]))
-                        c += (d * F32(np.int8(raw[sc + U64(i)]))) * (xd[t, g + i] * F32(a))
+                    g = b * 16 + 8 * h  # q6 - 32: minus 32 * (the sub-block's sum of xq)
+                    sumi += I64(np.int8(raw[sc])) * I64(a0 - 32 * xqs[t, g]) \
+                        + I64(np.int8(raw[sc + U64(1)])) * I64(a1 - 32 * xqs[t, g + 1]) \
+                        + I64(np.int8(raw[sc + U64(2)])) * I64(a2 - 32 * xqs[t, g + 2]) \
+                        + I64(np.int8(raw[sc + U64(3)])) * I64(a3 - 32 * xqs[t, g + 3]) \
+                        + I64(np.int8(raw[sc + U64(4)])) * I64(a4 - 32 * xqs[t, g + 4]) \
+                        + I64(np.int8(raw[sc + U64(5)])) * I64(a5 - 32 * xqs[t, g + 5]) \
+                        + I64(np.int8(raw[sc + U64(6)])) * I64(a6 - 32 * xqs[t, g + 6]) \
+                        + I64(np.int8(raw[sc + U64(7)])) * I64(a7 - 32 * xqs[t, g + 7])
+                c += (_h(raw, p + U64(208), f16) * xd[t, b]) * F32(sumi)
             out[t, r] = c
 
 
@@ -410,8 +422,8 @@ def matmul(raw: np.ndarray, ggml_type: GGMLType, k: int, x: np.ndarray) -> np.nd
         return x @ dequantize_rows(raw, t, k).T
     flat = _flat(raw)
     if x.shape[0] <= SMALL_T:  # int16 activations; rows in ~4 pieces per thread
-        xq, xd, xs = quantize_x(x, SPLIT_BLOCK[t])
-        xqs = xq.reshape(x.shape[0], -1, SPLIT_BLOCK[t]).sum(axis=2, dtype=I32)  # (T, K / bs) int sums
+        xq, xd, xs = quantize_x(x, X_BLOCK[t])
+        xqs = xq.reshape(x.shape[0], -1, SUM_BLOCK[t]).sum(axis=2, dtype=I32)  # (T, K / sub) int sums
         out = np.empty((x.shape[0], n), F32)
         kern = _MV[t]
         pieces = max(1, min(4 * _state["threads"], n // 256))

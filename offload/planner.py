@@ -35,6 +35,7 @@ HUGE = 2 << 20  # buffers are backed by 2 MiB pages (offload/stream.py): sizes r
 MIN_BATCH = 16
 WINDOW = 2  # units read ahead of the one computing (window 1 decodes ~20% slower: offload/stream.py)
 ACT_SHARE = 8  # activations get at most 1/ACT_SHARE of the budget (n_batch shrinks to fit)
+BATCH_FOR_WINDOW = 64  # the batch shrinks to this (not below) to make room for the full window
 SLACK = 24 * MB  # page cache the run causes (file header, row reads), allocator fragmentation
 # The process without weights: what it holds when the plan is made (Python, numpy, numba, the
 # tokenizer: VmRSS 151-159 MB measured for the shipped models, numba imported) plus what the first
@@ -226,9 +227,12 @@ def plan(budget: int, s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = B
     b = want_batch
     while b > min_batch and (act(b) > budget // ACT_SHARE or sum(fixed.values()) + act(b) + 2 * slot > budget):
         b = max(min_batch, b // 2)
+    # the window before a big batch: down to BATCH_FOR_WINDOW tokens if that lets the window fit
+    w_target = WINDOW if window is None else window
+    while b > min(want_batch, BATCH_FOR_WINDOW) and sum(fixed.values()) + act(b) + (w_target + 1) * slot > budget:
+        b = max(min(want_batch, BATCH_FOR_WINDOW), b // 2)
     left = budget - sum(fixed.values()) - act(b)
     # the window: WINDOW units ahead if they fit (fewer if not), then resident weights
-    w_target = WINDOW if window is None else window
     w = max(0, min(w_target, left // slot - 1))
     if left >= _huge(sum(u.span for u in s.units)):  # the whole model fits: nothing streams
         resident, w, slots = {u.name for u in s.units}, 0, 0
