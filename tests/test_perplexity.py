@@ -1,0 +1,31 @@
+"""Perplexity on GPL-3 with llama-perplexity's method, within 1% of llama.cpp's figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgellm.runtime import Engine, RuntimeConfig, perplexity
+
+from .conftest import model_file, reference_file
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+@pytest.mark.parametrize("name", [
+    "gemma3-270m",
+    "qwen2.5-coder-0.5b",
+    pytest.param("qwen2.5-coder-1.5b", marks=pytest.mark.slow),
+])
+def test_gpl3_perplexity_within_one_percent(name):
+    if not GPL3.exists():
+        pytest.skip(f"{GPL3} is missing")
+    ref = json.loads(reference_file("llamacpp-perplexity-gpl3-c512.json").read_text())["models"][name]
+    eng = Engine(model_file(name), RuntimeConfig(n_ctx=512, n_batch=512))
+    try:
+        r = perplexity(eng, GPL3.read_text(), 512)
+    finally:
+        eng.close()
+    assert r.n_chunks == ref["n_chunks"] and r.scored_tokens == ref["scored_tokens"]
+    assert abs(r.ppl / ref["final_ppl"] - 1) < 0.01, f"{name}: {r.ppl:.4f} vs llama.cpp {ref['final_ppl']}"
