@@ -359,7 +359,7 @@ def _set_blas_threads(n: int) -> None:
 
 
 def describe() -> str:
-    return (f"gguf: products straight from GGUF blocks (int8 activations for T<={SMALL_T}, float tiles + "
+    return (f"gguf: products straight from GGUF blocks (int16 activations for T<={SMALL_T}, float tiles + "
             f"BLAS above), no packing; {_state['threads']} threads")
 
 

@@ -98,8 +98,8 @@ class RowTable:
     """The embedding table as `rows[ids]` reads only those rows from the file (pread, then the
     page cache they used is dropped): the shape and indexing that `embedding_rows` needs."""
 
-    def __init__(self, fd: int, offset: int, n_rows: int, row_bytes: int, lock: threading.Lock):
-        self.fd, self.offset, self.lock = fd, offset, lock
+    def __init__(self, fd: int, offset: int, n_rows: int, row_bytes: int):
+        self.fd, self.offset = fd, offset
         self.shape = (n_rows, row_bytes)
         self.dtype = np.dtype(np.uint8)
         self.bytes_read = 0
@@ -164,9 +164,8 @@ class StreamingWeights:
         self._q: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
-        self._table_lock = threading.Lock()
         t = f.info("token_embd.weight")
-        self._table = RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes, self._table_lock)
+        self._table = RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes)
         # telemetry (cumulative; the engine takes differences per forward pass)
         self.bytes_read = 0  # streamed bytes read from disk
         self.load_bytes_read = 0  # bytes read at load (resident units, small tensors)
@@ -189,7 +188,7 @@ class StreamingWeights:
     def table(self, name: str):
         if name != "token_embd.weight":
             t = self.f.info(name)
-            return RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes, self._table_lock), t.type
+            return RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes), t.type
         return self._table, self.f.info(name).type
 
     def linear(self, name: str) -> Callable:
