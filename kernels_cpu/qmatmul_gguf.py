@@ -35,6 +35,7 @@ from numba import njit
 
 from ..quant.ggml_types import GGMLType
 from . import qmatmul_numba as _nb
+from .linear import _set_blas_threads
 
 F32 = np.float32
 I32 = np.int32
@@ -339,23 +340,6 @@ def set_threads(n: int) -> None:
         _state["pool"] = None
     _state["threads"] = int(n)
     _set_blas_threads(1)
-
-
-def _set_blas_threads(n: int) -> None:
-    """numpy's bundled OpenBLAS, found among the loaded libraries; silently nothing elsewhere."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and line.rstrip().endswith(".so")}
-    except OSError:
-        libs = set()
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                break
 
 
 def describe() -> str:
