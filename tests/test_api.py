@@ -13,8 +13,8 @@ import pytest
 import edgellm
 from edgellm.errors import EdgeLLMError, GGUFError
 
-from . import gguf_builder as gb
-from .conftest import model_file
+import gguf_builder as gb
+from conftest import model_file
 
 PROMPT = "The capital of France is"
 HI = [{"role": "user", "content": "Name three colours."}]

@@ -18,7 +18,7 @@ import edgellm
 from edgellm.cli import app
 from edgellm.runtime.chat_session import ChatSession, repl
 
-from .conftest import model_file
+from conftest import model_file
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from edgellm.loaders.gguf import GGUFFile
 from edgellm.runtime.chat_template import ChatTemplate, ChatTemplateError
 from edgellm.runtime.tokenizer import Tokenizer
 
-from .conftest import model_file
+from conftest import model_file
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! "},
         {"role": "user", "content": "2+2?"}]

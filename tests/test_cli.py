@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from edgellm.cli import app
 from edgellm.loaders.gguf import GGUFFile
 
-from . import gguf_builder as gb
-from .conftest import model_file
+import gguf_builder as gb
+from conftest import model_file
 
 runner = CliRunner()
 

@@ -23,8 +23,8 @@ import pytest
 from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
 from edgellm.runtime.cluster import ClusterError, keygen, load_key, messages, plan as P, wire
 
-from .conftest import model_file, reference_file
-from .test_models import NEAR_TIE, check_step
+from conftest import model_file, reference_file
+from test_models import NEAR_TIE, check_step
 
 CLUSTER_MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b"]
 WORKER = [sys.executable, "-c", "from edgellm.cli import main; main()", "worker"]

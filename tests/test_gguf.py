@@ -15,8 +15,8 @@ from edgellm.errors import GGUFError
 from edgellm.loaders.gguf import GGUFFile
 from edgellm.quant.ggml_types import GGMLType
 
-from . import gguf_builder as gb
-from .conftest import MODELS, model_file
+import gguf_builder as gb
+from conftest import MODELS, model_file
 
 U64_MAX = (1 << 64) - 1
 

@@ -21,7 +21,7 @@ import pytest
 
 from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
 
-from .conftest import MODELS, model_file, reference_file
+from conftest import MODELS, model_file, reference_file
 
 NEAR_TIE = {"gemma3-270m": 0.1, "qwen2.5-coder-0.5b": 0.05, "qwen2.5-coder-1.5b": 0.05}
 

@@ -19,7 +19,7 @@ from edgellm.offload import planner as P
 from edgellm.offload.stream import StreamingWeights
 from edgellm.quant.ggml_types import GGMLType
 
-from .conftest import model_file
+from conftest import model_file
 
 MB = 1 << 20
 MEMLIMIT = Path(os.environ.get("EDGELLM_MEMLIMIT", Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "memlimit"))

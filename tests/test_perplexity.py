@@ -8,7 +8,7 @@ import pytest
 
 from edgellm.runtime import Engine, RuntimeConfig, perplexity
 
-from .conftest import model_file, reference_file
+from conftest import model_file, reference_file
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 

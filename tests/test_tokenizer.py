@@ -16,7 +16,7 @@ import pytest
 
 from edgellm.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
-from .conftest import MODELS, model_file, reference_file
+from conftest import MODELS, model_file, reference_file
 
 FIXTURE = Path(__file__).parent / "data" / "tokenizer_cases.json"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
