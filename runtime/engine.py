@@ -46,9 +46,13 @@ def select_kernels(backend: str | None, threads: int, streaming: bool = False):
     from ..kernels_cpu import linear
 
     linear.set_threads(threads)
-    name = backend or linear.default_backend()
+    try:
+        name = backend or linear.default_backend()  # EDGELLM_BACKEND, else the fidelity default
+    except ValueError as e:
+        raise EdgeLLMError(str(e)) from None
     if name not in linear.available_backends():
-        raise EdgeLLMError(f"backend '{name}' is not available here; available: {', '.join(linear.available_backends())}")
+        have = ", ".join([*linear.available_backends(), "gguf"])
+        raise EdgeLLMError(f"backend '{name}' is not available here; available: {have}")
     if name == "numpy":
         from ..kernels_cpu import ops_ref as ops
     else:
@@ -214,17 +218,21 @@ class Engine:
         return np.concatenate(out) if all_logits else out[-1][-1]
 
     def _forward(self, ids: np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
-        """model.forward, with telemetry: compute time, time waiting for streamed weights, bytes read."""
+        """model.forward, with telemetry: compute time, and for streamed weights the time waiting
+        for them and the bytes read, per pass in `stats.steps` (only then: it grows per token)."""
         tel = getattr(self.weights, "telemetry", None)
-        before = tel if tel is None else dict(tel)
+        before = None if tel is None else dict(tel)
         t0 = time.perf_counter()
         logits = self.model.forward(ids, start, all_logits=all_logits)
         wall = time.perf_counter() - t0
-        after = self.weights.telemetry if tel is not None else None
-        io = after["io_wait_s"] - before["io_wait_s"] if after else 0.0
-        step = {"tokens": int(ids.shape[0]), "compute_s": wall - io, "io_wait_s": io,
-                "bytes_read": after["bytes_read"] - before["bytes_read"] if after else 0}
         st = self.stats
+        if tel is None:
+            st.compute_s += wall
+            return logits
+        after = self.weights.telemetry
+        io = after["io_wait_s"] - before["io_wait_s"]
+        step = {"tokens": int(ids.shape[0]), "compute_s": wall - io, "io_wait_s": io,
+                "bytes_read": after["bytes_read"] - before["bytes_read"]}
         st.steps.append(step)
         st.compute_s += step["compute_s"]
         st.io_wait_s += io

@@ -57,4 +57,3 @@ class Weights:
                 self.f.drop_pages(name)
             elif len(t.shape) == 1:
                 self.vector(name)
-        self.f.drop_pages()  # packing read every tensor through the mapping; keep only the packed copies
