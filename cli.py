@@ -177,7 +177,8 @@ def _prompt_text(prompt: Optional[str], file: Optional[str]) -> str:
     return prompt
 
 
-THREADS = typer.Option(None, "--threads", "-t", min=1, max=256, help="CPU threads (default: all cores)")
+THREADS = typer.Option(None, "--threads", "-t", help="CPU threads: a number 1-256, or auto (the default: "
+                       "the cores this process may use, fewer while another program keeps one busy)")
 CTX = typer.Option(4096, "--ctx", "-c", min=1, help="context length (bounded by the model's)")
 
 
@@ -195,7 +196,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="random seed (default: random)"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past end-of-generation tokens"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    threads: Optional[int] = THREADS,
+    threads: Optional[str] = THREADS,
     ctx: int = CTX,
     backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
@@ -275,7 +276,7 @@ def perplexity(
     model: str = typer.Argument(..., help="catalog name or path to a GGUF file"),
     file: str = typer.Argument(..., help="text file to score"),
     ctx: int = typer.Option(512, "--ctx", "-c", min=2, help="chunk length in tokens"),
-    threads: Optional[int] = THREADS,
+    threads: Optional[str] = THREADS,
     backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
     as_json: bool = typer.Option(False, "--json", help='print {"ppl": float, "scored_tokens": int}'),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
@@ -313,7 +314,8 @@ def perplexity(
 @app.command()
 def bench(
     target: str = typer.Argument(rt.DEFAULT_MODEL, help="a model (catalog name or GGUF path), or 'kernels'"),
-    threads: Optional[int] = typer.Option(2, "--threads", "-t", min=1, max=256, help="CPU threads"),
+    threads: Optional[str] = typer.Option("2", "--threads", "-t", help="CPU threads: a number (llama.cpp gets the "
+                                          "same), or auto"),
     reps: int = typer.Option(3, "--reps", min=1, max=50, help="runs per figure (the median is reported)"),
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=1, help="prompt tokens (pp)"),
     n_gen: int = typer.Option(64, "--n-gen", "-n", min=1, help="generated tokens (tg)"),
@@ -330,13 +332,14 @@ def bench(
 
     path = _resolve(target)
     n_ctx = max(1024, n_prompt + n_gen)
-    eng = _load(target, _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget))
+    rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget)
+    eng = _load(target, rcfg)
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
         breakdown = rb.profile_decode(eng) if profile else None
     finally:
         eng.close()
-    ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, threads or 2, n_ctx)
+    ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx)
     out = dict(ours, llama_cpp=ref)
     if breakdown:
         out["decode_ms_per_token_by_op"] = breakdown
@@ -361,10 +364,11 @@ def bench(
             typer.echo(f"  {k:<22}{v:8.3f}")
 
 
-def _bench_kernels(threads: Optional[int], as_json: bool) -> None:
+def _bench_kernels(threads: Optional[str], as_json: bool) -> None:
     from .kernels_cpu import bench as kb
 
-    rows = kb.run(threads_list=(1, 2) if threads in (None, 2) else (threads,), json=as_json)
+    n = _runtime_config(threads, 512).max_threads
+    rows = kb.run(threads_list=(1, 2) if n == 2 else (n,), json=as_json)
     if as_json:
         typer.echo(json.dumps(rows))
 
@@ -379,7 +383,7 @@ def chat(
     min_p: float = typer.Option(0.05, "--min-p"),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="random seed (default: random)"),
     n: int = typer.Option(-1, "-n", "--max-tokens", min=-1, help="tokens per reply at most (-1: until end of turn)"),
-    threads: Optional[int] = THREADS,
+    threads: Optional[str] = THREADS,
     ctx: int = CTX,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print speed and memory after each reply"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the chat may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
@@ -421,7 +425,7 @@ def worker(
     listen: str = typer.Option("127.0.0.1:7370", "--listen", help="HOST:PORT to listen on (off loopback: needs --key)"),
     key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`)"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 2G"),
-    threads: Optional[int] = THREADS,
+    threads: Optional[str] = THREADS,
 ) -> None:
     """Serve a share of a model to a coordinator (`edgellm run MODEL --cluster HOST:PORT`)."""
     import logging
@@ -430,7 +434,8 @@ def worker(
 
     logging.basicConfig(level=logging.INFO, format="edgellm worker: %(message)s")
     host, port = cluster.parse_address(listen)
-    w = cluster.Worker(host, port, cluster.load_key(key), cluster.parse_size(memory_budget), threads)
+    w = cluster.Worker(host, port, cluster.load_key(key), cluster.parse_size(memory_budget),
+                       _runtime_config(threads, 512).max_threads if threads else None)
     typer.echo(f"edgellm worker listening on {w.address[0]}:{w.address[1]}")
     sys.stdout.flush()
     try:

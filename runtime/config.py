@@ -80,18 +80,11 @@ class ModelConfig:
         return ModelConfig(**args)
 
 
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 @dataclass(frozen=True)
 class RuntimeConfig:
     """User choices, validated once; errors name the setting."""
 
-    threads: int = field(default_factory=_default_threads)
+    threads: int | str = "auto"  # a fixed count, or "auto": the allowed CPUs, adapted to contention
     n_ctx: int = 4096  # bounded by the model's training context at load
     n_batch: int = 512  # prompt tokens per forward pass
     backend: str | None = None  # kernel backend; None = the fastest available
@@ -101,13 +94,25 @@ class RuntimeConfig:
     cluster_timeout: float = 5.0  # seconds without an expected message before a node counts as lost
     memory_budget: int | str | None = None  # bytes (or "400M", "1.5G") the process may use; None: all it needs
 
+    @property
+    def max_threads(self) -> int:
+        """The most threads a product may use: the fixed count, or the CPUs this process may use."""
+        if self.threads != "auto":
+            return self.threads
+        from ..kernels_cpu.threads import allowed_cpus
+        return allowed_cpus()
+
     def __post_init__(self):
-        for k in ("threads", "n_ctx", "n_batch"):
+        for k in ("n_ctx", "n_batch"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{k} must be a positive integer, not {v!r}")
-        if self.threads > 256:
-            raise ConfigError(f"threads must be at most 256, not {self.threads}")
+        t = self.threads
+        if isinstance(t, str) and t.strip().isdigit():
+            t = int(t)
+        if t != "auto" and (not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 256):
+            raise ConfigError(f"threads must be 1..256 or 'auto', not {self.threads!r}")
+        object.__setattr__(self, "threads", t)
         if self.n_batch > 4096:
             raise ConfigError(f"n_batch must be at most 4096, not {self.n_batch}")
         _check_cluster(self)

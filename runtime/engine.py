@@ -12,7 +12,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,41 +29,14 @@ from ..offload import StreamingWeights
 from .weights import Weights
 
 
-def select_kernels(backend: str | None, threads: int, streaming: bool = False):
-    """The ops module and linear factory, chosen once; numpy where numba cannot run. Streamed
-    weights (a memory budget) need kernels that use a weight the moment its bytes arrive: the
-    GGUF-direct ones (backend "gguf"), for every weight so any budget gives the same outputs."""
-    backend = backend or None
-    if backend == "gguf" or (streaming and backend is None):
-        from ..kernels_cpu import ops, qmatmul_gguf
-
-        qmatmul_gguf.set_threads(threads)
-        return ops, partial(partial, qmatmul_gguf.matmul), f"{qmatmul_gguf.describe()}; ops: ops"
-    if streaming:
-        raise EdgeLLMError(f"backend '{backend}' packs every weight before use (~30-120 ms a layer) and cannot "
-                           "stream it; under a memory budget use the default backend ('gguf')")
+def select_kernels(backend: str | None, threads: int | str):
+    """The kernel table (kernels_cpu.linear), with a bad backend as a one-line user error."""
     from ..kernels_cpu import linear
 
-    linear.set_threads(threads)
     try:
-        name = backend or linear.default_backend()  # EDGELLM_BACKEND, else the fidelity default
+        return linear.select(backend or None, threads)
     except ValueError as e:
         raise EdgeLLMError(str(e)) from None
-    if name not in linear.available_backends():
-        have = ", ".join([*linear.available_backends(), "gguf"])
-        raise EdgeLLMError(f"backend '{name}' is not available here; available: {have}")
-    if name == "numpy":
-        from ..kernels_cpu import ops_ref as ops
-    else:
-        try:
-            from ..kernels_cpu import ops
-        except ImportError:  # no numba on this machine
-            from ..kernels_cpu import ops_ref as ops
-
-    def make_linear(rows, gtype, k):
-        return partial(linear.matmul, linear.pack(rows, gtype, k, backend=name))
-
-    return ops, make_linear, f"{linear.describe_backend()}; ops: {ops.__name__.rsplit('.', 1)[-1]}"
 
 
 def peak_rss_bytes() -> int:
@@ -127,14 +99,15 @@ class Engine:
             self.plan, units = self._plan(rcfg)  # a memory budget: offload/ streams what does not fit
             if self.plan is not None:
                 rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
-            self.ops, make_linear, self.backend = select_kernels(rcfg.backend, rcfg.threads, self.plan is not None)
+            kern = select_kernels(rcfg.backend, rcfg.threads)
+            self.ops, self.backend = kern.ops, kern.describe
             if rcfg.cluster:  # tensor parallel over the LAN: runtime/cluster shards the model from outside
                 from .cluster import ClusterModel
 
-                self.model = ClusterModel(self.path, self.file, cls, self.config, rcfg, self.ops, make_linear)
+                self.model = ClusterModel(self.path, self.file, cls, self.config, rcfg, self.ops, kern.make_linear)
             else:
-                weights = (StreamingWeights(self.file, self.plan, units, make_linear) if self.plan is not None
-                           else Weights(self.file, make_linear))
+                weights = (StreamingWeights(self.file, self.plan, units, kern.make_linear) if self.plan is not None
+                           else Weights(self.file, kern.make_linear, kern.make_group))
                 self.weights = weights
                 self.model = cls(self.config, rcfg, weights, self.ops)
                 weights.load_all()
@@ -173,9 +146,9 @@ class Engine:
             budget = offload.auto_budget(self.file, self.config, rcfg.n_ctx, rcfg.n_batch)
         if budget is None:
             return None, None
-        from ..kernels_cpu.qmatmul_gguf import tile_rows
+        from ..kernels_cpu.qmatmul import tile_rows
 
-        return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.threads, budget,
+        return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
                                 row_align=tile_rows)
 
     # --- the forward passes ---

@@ -25,13 +25,14 @@ class Llama(Model):
         c, ops, b = self.cfg, self.ops, f"blk.{i}."
         T = x.shape[0]
         h = self.norm(x, b + "attn_norm.weight")  # (T, n_embd)
-        q = self.linear(h, b + "attn_q.weight").reshape(T, c.n_head, c.head_dim)
-        k = self.linear(h, b + "attn_k.weight").reshape(T, c.n_head_kv, c.head_dim)
-        v = self.linear(h, b + "attn_v.weight").reshape(T, c.n_head_kv, c.head_dim_v)
+        q, k, v = self.linears(h, b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight")
+        q = q.reshape(T, c.n_head, c.head_dim)
+        k = k.reshape(T, c.n_head_kv, c.head_dim)
+        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
         q = ops.rope(q, positions, c.rope_base, c.rope_neox, freq_scale=c.rope_freq_scale)
         k = ops.rope(k, positions, c.rope_base, c.rope_neox, freq_scale=c.rope_freq_scale)
         a = self.attention(i, q, k, v, positions, self.attn_scale(c.head_dim))  # (T, n_head * head_dim_v)
         x = x + self.reduce(self.linear(a, b + "attn_output.weight"))
         h = self.norm(x, b + "ffn_norm.weight")
-        g = ops.silu_gate(self.linear(h, b + "ffn_gate.weight"), self.linear(h, b + "ffn_up.weight"))
+        g = ops.silu_gate(*self.linears(h, b + "ffn_gate.weight", b + "ffn_up.weight"))
         return x + self.reduce(self.linear(g, b + "ffn_down.weight"))

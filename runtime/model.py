@@ -67,6 +67,17 @@ class Model:
             y += self.w.vector(bias)
         return y
 
+    def linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
+        """Several matrices sharing their input x (T, K) -> [(T, N_i)], biases added; one pass
+        over x when the weight store and kernels can (`group`)."""
+        group = getattr(self.w, "group", None)
+        ys = group(names)(x) if group is not None else [self.w.linear(n)(x) for n in names]
+        for y, name in zip(ys, names):
+            bias = name[: -len("weight")] + "bias"
+            if self.w.has(bias):
+                y += self.w.vector(bias)
+        return ys
+
     def reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum partial results across tensor-parallel nodes (after attn_output and ffn_down); a
         no-op on one node. A cluster replaces it from outside (runtime never knows the network)."""

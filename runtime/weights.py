@@ -20,10 +20,12 @@ LinearFactory = Callable[[np.ndarray, GGMLType, int], Callable[[np.ndarray], np.
 
 
 class Weights:
-    def __init__(self, f: GGUFFile, make_linear: LinearFactory):
+    def __init__(self, f: GGUFFile, make_linear: LinearFactory, make_group=None):
         self.f = f
         self.make_linear = make_linear
+        self.make_group = make_group
         self._linear: dict[str, Callable] = {}
+        self._group: dict[tuple, Callable] = {}
         self._vector: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:
@@ -36,6 +38,16 @@ class Weights:
             if len(t.shape) != 2:
                 raise EdgeLLMError(f"tensor '{name}' has shape {t.shape}; expected a matrix")
             fn = self._linear[name] = self.make_linear(self.f.rows(name), t.type, t.shape[0])
+        return fn
+
+    def group(self, names: tuple[str, ...]):
+        """A callable x -> [x @ W.T for each name]: matrices that share their input, multiplied in
+        one pass over x (q/k/v, gate/up) when the kernels can."""
+        fn = self._group.get(names)
+        if fn is None:
+            fns = [self.linear(n) for n in names]
+            fn = self._group[names] = (self.make_group(fns) if self.make_group is not None
+                                       else (lambda x: [f(x) for f in fns]))
         return fn
 
     def vector(self, name: str) -> np.ndarray:

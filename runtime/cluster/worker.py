@@ -47,7 +47,7 @@ class Worker:
             raise ClusterError(f"listening on {host} (not loopback) needs a key: make one with "
                                "`edgellm keygen FILE` and pass --key FILE here and on the coordinator")
         self.key, self.budget = key, memory_budget
-        self.threads = threads or RuntimeConfig().threads
+        self.threads = threads or RuntimeConfig().max_threads
         try:
             self.sock = socket.create_server((host, port), backlog=64)
         except OSError as e:
@@ -193,9 +193,10 @@ class Session:
             w.cache.clear()
             w.cache_digest = hexd
         try:  # the coordinator's kernels where this node has them (same arithmetic), else its own best
-            ops, make_linear, _ = select_kernels(backend or None, w.threads)
+            kern = select_kernels(backend or None, w.threads)
         except EdgeLLMError:
-            ops, make_linear, _ = select_kernels(None, w.threads)
+            kern = select_kernels(None, w.threads)
+        ops, make_linear = kern.ops, kern.make_linear
         store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
         rcfg = RuntimeConfig(threads=w.threads, n_ctx=n_ctx, n_batch=n_batch)
         self.model = cls(local_config(cfg, s), rcfg, store, ops)

@@ -1,0 +1,265 @@
+"""Quantized products straight from GGUF blocks: the one kernel family of edgellm's CPU path.
+
+    w = Weight(raw, GGMLType.Q4_K, k)      # raw uint8 (N, row_bytes): a view of the mapped file
+    y = matmul(w, x)                       # x (T, K) f32 -> (T, N) f32
+    p = Product([wq, wk, wv])              # several weights sharing x: one call, one quantization
+    yq, yk, yv = p(x)
+
+No packing and no copy: a resident weight is its file pages, a streamed one (offload/) is used the
+moment its bytes arrive, and both go through the same kernels.
+
+- T <= SMALL_T (decode, speculative verification): x is rounded to int8 per 32-element block
+  (llama.cpp's Q8_0 rounding; finer than its Q8_K for the K-quants) and every (row, token) is one
+  call of a `qmatmul_rows` intrinsic on the CPU's int8 dot-product instruction (`simd`). Rows are
+  split across threads in chunks taken from a shared counter; a row's result does not depend on
+  the chunking, the thread count, the tokens in the batch or the CPU path.
+- T > SMALL_T (prefill): tiles of `tile_rows(k)` rows are dequantized to float32 (the exact GGUF
+  values) and multiplied by BLAS: the exact float32 path, so prompt logits and perplexity are
+  those of `--backend numpy`.
+
+Types: Q4_K, Q5_0, Q6_K, Q8_0 (what the shipped Q4_K_M models hold) run fast; F32, F16 and every
+other type are dequantized by the numpy reference (quant/) and multiplied by BLAS.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from types import FunctionType
+
+import numpy as np
+from numba import njit
+
+from ..quant.ggml_types import GGMLType
+from . import simd, threads
+from .qmatmul_rows import _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
+from .threads import finish, take
+
+F32 = np.float32
+I32 = np.int32
+SMALL_T = 8  # token counts up to this use the int8 kernels; larger ones float tiles + BLAS
+_TILE_BYTES = 1 << 20  # float32 bytes of dequantized rows per BLAS call (about one L2)
+_ROWS_PER_CHUNK = 64  # rows per work item of a decode product (a few KB to ~60 KB of weights)
+
+# type codes inside the kernels, and elements per block (the unit a row is counted in)
+Q4_K, Q6_K, Q8_0, Q5_0 = 0, 1, 2, 3
+FAST = {GGMLType.Q4_K: Q4_K, GGMLType.Q6_K: Q6_K, GGMLType.Q8_0: Q8_0, GGMLType.Q5_0: Q5_0}
+BLOCK = {GGMLType.Q4_K: 256, GGMLType.Q6_K: 256, GGMLType.Q8_0: 32, GGMLType.Q5_0: 32}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A GGUF matrix (N, K) as its raw rows; `raw` should be a view of the mapped file."""
+
+    raw: np.ndarray  # uint8 (N, row_bytes)
+    ggml_type: GGMLType
+    k: int  # input columns
+
+    @property
+    def n(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def fast(self) -> bool:
+        return self.ggml_type in FAST
+
+
+def tile_rows(k: int) -> int:
+    """Rows per BLAS call on the prefill path (~1 MB of float32). Row chunks of a matrix that start
+    at multiples of it give bit-identical products (a streamed head equals a resident one)."""
+    return max(16, _TILE_BYTES // (4 * k) // 16 * 16)
+
+
+# ---- activations --------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _quantize_x(x, xq, xd, xs, x4n):
+    """x (T, K) f32 -> xq (T, Kp) i8, xd and xs (T, Kp/32) f32, x4n (T, Kp/4) i32 (module doc of
+    qmatmul_rows); the padding (K..Kp) must be zero on entry and stays so."""
+    t_n, k = x.shape
+    for t in range(t_n):
+        for b in range(k // 32):
+            amax = F32(0.0)
+            s = F32(0.0)
+            for i in range(32):
+                v = x[t, 32 * b + i]
+                s += v
+                amax = max(amax, abs(v))
+            d = amax / F32(127.0)
+            inv = F32(1.0) / d if d != 0 else F32(0.0)
+            for g in range(8):
+                acc = 0
+                for i in range(4):
+                    q = np.int8(np.rint(x[t, 32 * b + 4 * g + i] * inv))
+                    xq[t, 32 * b + 4 * g + i] = q
+                    acc += q
+                x4n[t, 8 * b + g] = -acc
+            xd[t, b] = d
+            xs[t, b] = s
+
+
+def quantize_x(x: np.ndarray):
+    """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the row kernels read them."""
+    t_n, k = x.shape
+    kp = -(-k // 64) * 64
+    xq = np.zeros((t_n, kp), np.int8)
+    xd = np.zeros((t_n, kp // 32), F32)
+    xs = np.zeros((t_n, kp // 32), F32)
+    x4n = np.zeros((t_n, kp // 4), I32)
+    _quantize_x(x, xq, xd, xs, x4n)
+    return xq, xd, xs, x4n
+
+
+# ---- decode kernels -----------------------------------------------------------------------------
+# One function per CPU path (ISA is a compile-time constant of each copy): the work items are
+# (weight, first row) chunks of a group of weights sharing x, taken in order from a counter.
+
+def _items(xq, xd, xs, x4n, raws, codes, rbs, nbs, outs, item_w, item_r, counter):
+    """Work items taken from counter (threads.take): item i is rows item_r[i].. of weight
+    item_w[i] (up to _ROWS_PER_CHUNK).
+    raws: tuple of u8 (N_w * RB_w,) flat rows; codes/rbs/nbs (W,) type code, row bytes, blocks
+    per row; outs: tuple of f32 (T, N_w)."""
+    t_n, kp = xq.shape
+    nbx = kp // 32
+    xq1 = xq.reshape(-1)
+    xd1 = xd.reshape(-1)
+    xs1 = xs.reshape(-1)
+    x4n1 = x4n.reshape(-1)
+    n_items = item_w.shape[0]
+    while True:
+        i = take(counter)
+        if i >= n_items:
+            return
+        w = item_w[i]
+        raw = raws[w]
+        out = outs[w]
+        code, rb, nb = codes[w], rbs[w], nbs[w]
+        r0 = item_r[i]
+        r1 = min(r0 + _ROWS_PER_CHUNK, out.shape[1])
+        for r in range(r0, r1):
+            for t in range(t_n):
+                if code == Q4_K:
+                    c = _row_q4_k(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                elif code == Q6_K:
+                    c = _row_q6_k(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                elif code == Q8_0:
+                    c = _row_q8_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                else:
+                    c = _row_q5_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                out[t, r] = c
+        finish(counter)
+
+
+def _compile(isa: int):
+    name = f"_items_{simd.NAMES[isa]}"
+    g = dict(_items.__globals__, ISA=isa)
+    f = FunctionType(_items.__code__, g, name, _items.__defaults__, _items.__closure__)
+    f.__qualname__ = name
+    return njit(cache=True, nogil=True)(f)
+
+
+_KERNELS: dict[int, object] = {}
+
+
+def kernel(isa: int | None = None):
+    """The decode kernel for a CPU path (default: simd.chosen()), compiled on first use."""
+    isa = simd.chosen() if isa is None else isa
+    k = _KERNELS.get(isa)
+    if k is None:
+        k = _KERNELS[isa] = _compile(isa)
+    return k
+
+
+def _flat(raw: np.ndarray) -> np.ndarray:
+    return raw.reshape(-1) if raw.flags.c_contiguous else np.ascontiguousarray(raw).reshape(-1)
+
+
+class _Plan:
+    """What a decode product over a group of weights needs besides x, built once per group."""
+
+    def __init__(self, ws: list[Weight]):
+        self.ns = [w.n for w in ws]
+        self.codes = np.array([FAST[w.ggml_type] for w in ws], np.int64)
+        self.rbs = np.array([w.raw.shape[1] for w in ws], np.int64)
+        self.nbs = np.array([w.k // BLOCK[w.ggml_type] for w in ws], np.int64)
+        self.item_w = np.concatenate([np.full(-(-w.n // _ROWS_PER_CHUNK), i, np.int64) for i, w in enumerate(ws)])
+        self.item_r = np.concatenate([np.arange(0, w.n, _ROWS_PER_CHUNK, dtype=np.int64) for w in ws])
+        self.raws = tuple(_flat(w.raw) for w in ws)
+        self.bytes = sum(w.raw.size for w in ws)
+
+    def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
+        xq, xd, xs, x4n = quantize_x(x)
+        outs = tuple(np.empty((x.shape[0], n), F32) for n in self.ns)
+        run = kernel(isa)
+        threads.run(lambda counter: run(xq, xd, xs, x4n, self.raws, self.codes, self.rbs, self.nbs, outs,
+                                        self.item_w, self.item_r, counter),
+                    self.item_w.shape[0], self.bytes * x.shape[0])
+        return list(outs)
+
+
+# ---- dequantization to float32 (prefill tiles, and every other type) ----------------------------
+
+def dequantize_rows(w: Weight, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [r0, r1) of w -> float32 (r1 - r0, K), the GGUF values."""
+    from .qmatmul_dq import dequantize_rows as dq
+
+    return dq(w.raw, w.ggml_type, w.k, r0, r1, out)
+
+
+def _prefill(w: Weight, x: np.ndarray) -> np.ndarray:
+    tile = tile_rows(w.k)
+    n = w.n
+    out = np.empty((x.shape[0], n), F32)
+
+    local = threading.local()
+
+    def work(i):
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty((tile, w.k), F32)
+        r0 = i * tile
+        r1 = min(n, r0 + tile)
+        np.matmul(x, dequantize_rows(w, r0, r1, buf).T, out=out[:, r0:r1])
+
+    threads.run_python(work, -(-n // tile), w.raw.size * x.shape[0])
+    return out
+
+
+# ---- the public functions -----------------------------------------------------------------------
+
+class Product:
+    """x (T, K) f32 times each of a group of weights sharing K -> [(T, N_w) f32]; the group's
+    fast weights go through one decode call (one quantization of x, one pass of the threads)."""
+
+    def __init__(self, ws: list[Weight]):
+        k = {w.k for w in ws}
+        if len(k) != 1:
+            raise ValueError(f"a product group needs weights with one K, not {sorted(k)}")
+        self.ws, self.k = list(ws), k.pop()
+        fast = [w for w in ws if w.fast]
+        self.plan = _Plan(fast) if fast and self.k % 32 == 0 else None
+
+    def __call__(self, x: np.ndarray, isa: int | None = None) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=F32)
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise ValueError(f"matmul: x has shape {x.shape}, expected (T, {self.k})")
+        if self.plan is None or x.shape[0] > SMALL_T:
+            return [_prefill(w, x) if w.fast else x @ dequantize_rows(w).T for w in self.ws]
+        got = iter(self.plan(x, isa))
+        return [next(got) if w.fast and self.plan is not None else x @ dequantize_rows(w).T for w in self.ws]
+
+
+def matmul(w: Weight, x: np.ndarray, isa: int | None = None) -> np.ndarray:
+    """x float32 (T, K) @ W.T -> (T, N) (for repeated products keep a `Product`)."""
+    return Product([w])(x, isa)[0]
+
+
+def describe() -> str:
+    return (f"int8 activations on {simd.NAMES[simd.chosen()]} for T<={SMALL_T}, float32 tiles + BLAS above; "
+            f"straight from GGUF blocks; threads {threads.describe()}")
+
+
+def set_threads(n: int | str) -> None:
+    """A fixed count or 'auto' (threads.configure); BLAS runs one thread inside each prefill tile."""
+    threads.configure(n)
+    threads.set_blas_threads(1)
+
