@@ -27,18 +27,23 @@ from dataclasses import dataclass
 from types import FunctionType
 
 import numpy as np
+import numba
 from numba import njit
 
 from ..quant.ggml_types import GGMLType
 from . import simd, threads
 from .qmatmul_rows import _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
-from .threads import finish, take
+from .threads import ARGS, finish, take, voidptr
 
 F32 = np.float32
 I32 = np.int32
 SMALL_T = 8  # token counts up to this use the int8 kernels; larger ones float tiles + BLAS
 _TILE_BYTES = 1 << 20  # float32 bytes of dequantized rows per BLAS call (about one L2)
-_ROWS_PER_CHUNK = 64  # rows per work item of a decode product (a few KB to ~60 KB of weights)
+# bytes of weights per work item of a decode product: small items cost a 2-thread product on
+# qwen 1.5B's ffn_gate (8960x1536 Q4_K) half its speed (17.9 GB/s with 14 KB items, 41 with
+# 221 KB: each jump restarts the hardware prefetcher's stream), large ones leave a thread the OS
+# preempts holding a big share; a product is cut into at least 4 items per thread
+_ITEM_BYTES = 256 << 10
 
 # type codes inside the kernels, and elements per block (the unit a row is counted in)
 Q4_K, Q6_K, Q8_0, Q5_0 = 0, 1, 2, 3
@@ -110,32 +115,49 @@ def quantize_x(x: np.ndarray):
 
 
 # ---- decode kernels -----------------------------------------------------------------------------
-# One function per CPU path (ISA is a compile-time constant of each copy): the work items are
-# (weight, first row) chunks of a group of weights sharing x, taken in order from a counter.
+# A decode product is a task of work items (weight, first row), taken from the board (threads.py)
+# by every thread of the call. Its arguments travel on the board as addresses, so a worker that
+# is polling picks a task up with no Python and no GIL: x's four arrays, the output (T, sum N)
+# and a descriptor per weight (W, 8): raw address, raw bytes, type code, row bytes, blocks per
+# row, first output column, rows. One function per CPU path (ISA is a constant of each copy).
 
-def _items(xq, xd, xs, x4n, raws, codes, rbs, nbs, outs, item_w, item_r, counter):
-    """Work items taken from counter (threads.take): item i is rows item_r[i].. of weight
-    item_w[i] (up to _ROWS_PER_CHUNK).
-    raws: tuple of u8 (N_w * RB_w,) flat rows; codes/rbs/nbs (W,) type code, row bytes, blocks
-    per row; outs: tuple of f32 (T, N_w)."""
-    t_n, kp = xq.shape
+_A_XQ, _A_XD, _A_XS, _A_X4, _A_OUT, _A_DESC, _A_IW, _A_IR = range(ARGS, ARGS + 16, 2)
+# (the items: item_w (n,) weight index, item_r (2, n) first and end row)
+
+
+@njit(cache=True, nogil=True)
+def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
+    board[_A_XQ], board[_A_XQ + 1] = xq.ctypes.data, xq.shape[0]
+    board[_A_XD], board[_A_XD + 1] = xd.ctypes.data, xq.shape[1]
+    board[_A_XS] = xs.ctypes.data
+    board[_A_X4] = x4n.ctypes.data
+    board[_A_OUT], board[_A_OUT + 1] = out.ctypes.data, out.shape[1]
+    board[_A_DESC], board[_A_DESC + 1] = desc.ctypes.data, desc.shape[0]
+    board[_A_IW], board[_A_IW + 1] = item_w.ctypes.data, item_w.shape[0]
+    board[_A_IR] = item_r.ctypes.data  # (2, n_items): first and end row
+
+
+def _task(board, epoch):
+    """Take items of the task `epoch` from the board until none is left (see above)."""
+    t_n, kp = board[_A_XQ + 1], board[_A_XD + 1]
+    n_out, n_w, n_items = board[_A_OUT + 1], board[_A_DESC + 1], board[_A_IW + 1]
+    xq1 = numba.carray(voidptr(board[_A_XQ]), t_n * kp, np.int8)
+    xd1 = numba.carray(voidptr(board[_A_XD]), t_n * kp // 32, np.float32)
+    xs1 = numba.carray(voidptr(board[_A_XS]), t_n * kp // 32, np.float32)
+    x4n1 = numba.carray(voidptr(board[_A_X4]), t_n * kp // 4, np.int32)
+    out = numba.carray(voidptr(board[_A_OUT]), (t_n, n_out), np.float32)
+    desc = numba.carray(voidptr(board[_A_DESC]), (n_w, 8), np.int64)
+    item_w = numba.carray(voidptr(board[_A_IW]), n_items, np.int64)
+    item_r = numba.carray(voidptr(board[_A_IR]), (2, n_items), np.int64)
     nbx = kp // 32
-    xq1 = xq.reshape(-1)
-    xd1 = xd.reshape(-1)
-    xs1 = xs.reshape(-1)
-    x4n1 = x4n.reshape(-1)
-    n_items = item_w.shape[0]
     while True:
-        i = take(counter)
-        if i >= n_items:
+        i = take(board, epoch)
+        if i < 0:
             return
         w = item_w[i]
-        raw = raws[w]
-        out = outs[w]
-        code, rb, nb = codes[w], rbs[w], nbs[w]
-        r0 = item_r[i]
-        r1 = min(r0 + _ROWS_PER_CHUNK, out.shape[1])
-        for r in range(r0, r1):
+        raw = numba.carray(voidptr(desc[w, 0]), desc[w, 1], np.uint8)
+        code, rb, nb, col, n = desc[w, 2], desc[w, 3], desc[w, 4], desc[w, 5], desc[w, 6]
+        for r in range(item_r[0, i], item_r[1, i]):
             for t in range(t_n):
                 if code == Q4_K:
                     c = _row_q4_k(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
@@ -145,14 +167,14 @@ def _items(xq, xd, xs, x4n, raws, codes, rbs, nbs, outs, item_w, item_r, counter
                     c = _row_q8_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
                 else:
                     c = _row_q5_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
-                out[t, r] = c
-        finish(counter)
+                out[t, col + r] = c
+        finish(board)
 
 
 def _compile(isa: int):
-    name = f"_items_{simd.NAMES[isa]}"
-    g = dict(_items.__globals__, ISA=isa)
-    f = FunctionType(_items.__code__, g, name, _items.__defaults__, _items.__closure__)
+    name = f"_task_{simd.NAMES[isa]}"
+    g = dict(_task.__globals__, ISA=isa)
+    f = FunctionType(_task.__code__, g, name, _task.__defaults__, _task.__closure__)
     f.__qualname__ = name
     return njit(cache=True, nogil=True)(f)
 
@@ -161,7 +183,7 @@ _KERNELS: dict[int, object] = {}
 
 
 def kernel(isa: int | None = None):
-    """The decode kernel for a CPU path (default: simd.chosen()), compiled on first use."""
+    """The decode task for a CPU path (default: simd.chosen()), compiled on first use."""
     isa = simd.chosen() if isa is None else isa
     k = _KERNELS.get(isa)
     if k is None:
@@ -177,23 +199,35 @@ class _Plan:
     """What a decode product over a group of weights needs besides x, built once per group."""
 
     def __init__(self, ws: list[Weight]):
-        self.ns = [w.n for w in ws]
-        self.codes = np.array([FAST[w.ggml_type] for w in ws], np.int64)
-        self.rbs = np.array([w.raw.shape[1] for w in ws], np.int64)
-        self.nbs = np.array([w.k // BLOCK[w.ggml_type] for w in ws], np.int64)
-        self.item_w = np.concatenate([np.full(-(-w.n // _ROWS_PER_CHUNK), i, np.int64) for i, w in enumerate(ws)])
-        self.item_r = np.concatenate([np.arange(0, w.n, _ROWS_PER_CHUNK, dtype=np.int64) for w in ws])
-        self.raws = tuple(_flat(w.raw) for w in ws)
+        self.raws = [_flat(w.raw) for w in ws]  # kept: the descriptor holds their addresses
+        self.cols = np.cumsum([0] + [w.n for w in ws])
+        self.desc = np.zeros((len(ws), 8), np.int64)
+        for i, (w, raw) in enumerate(zip(ws, self.raws)):
+            self.desc[i, :7] = (raw.ctypes.data, raw.size, FAST[w.ggml_type], w.raw.shape[1],
+                                w.k // BLOCK[w.ggml_type], self.cols[i], w.n)
         self.bytes = sum(w.raw.size for w in ws)
+        item = max(16 << 10, min(_ITEM_BYTES, self.bytes // (4 * threads.max_count())))
+        cuts = [np.arange(0, w.n, max(16, item // w.raw.shape[1]), dtype=np.int64) for w in ws]
+        self.item_w = np.concatenate([np.full(c.size, i, np.int64) for i, c in enumerate(cuts)])
+        self.item_r = np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
         xq, xd, xs, x4n = quantize_x(x)
-        outs = tuple(np.empty((x.shape[0], n), F32) for n in self.ns)
-        run = kernel(isa)
-        threads.run(lambda counter: run(xq, xd, xs, x4n, self.raws, self.codes, self.rbs, self.nbs, outs,
-                                        self.item_w, self.item_r, counter),
-                    self.item_w.shape[0], self.bytes * x.shape[0])
-        return list(outs)
+        out = np.empty((x.shape[0], int(self.cols[-1])), F32)
+        task = kernel(isa)
+        n = self.item_w.shape[0]
+
+        def write(board):
+            _write_args(board, xq, xd, xs, x4n, out, self.desc, self.item_w, self.item_r)
+
+        def alone():
+            board = np.zeros(threads.BOARD, np.int64)
+            write(board)
+            threads.begin(board, 1, n)
+            task(board, 1)
+
+        threads.run_kernel(task, write, n, self.bytes * x.shape[0], alone)
+        return [out[:, a:b] for a, b in zip(self.cols[:-1], self.cols[1:])]
 
 
 # ---- dequantization to float32 (prefill tiles, and every other type) ----------------------------
@@ -220,7 +254,7 @@ def _prefill(w: Weight, x: np.ndarray) -> np.ndarray:
         r1 = min(n, r0 + tile)
         np.matmul(x, dequantize_rows(w, r0, r1, buf).T, out=out[:, r0:r1])
 
-    threads.run_python(work, -(-n // tile), w.raw.size * x.shape[0])
+    threads.run_python(work, -(-n // tile), w.raw.size * x.shape[0], kernel())
     return out
 
 

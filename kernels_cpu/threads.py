@@ -31,7 +31,8 @@ from numba.extending import intrinsic
 
 _EXPLORE = 16  # every this many large calls, try another thread count
 _ALPHA = 0.15  # weight of a new measurement in the averages
-_MIN_WORK = 1 << 20  # calls with less work (bytes x tokens) are not measured nor parallelised
+_MIN_WORK = 1 << 18  # calls with less work (bytes x tokens) are not measured nor parallelised
+_SPINS = 20000  # pause instructions a worker polls for the next task before it sleeps (~50 us)
 
 
 @intrinsic
@@ -44,15 +45,80 @@ def _fetch_add(typingctx, arr, idx, val):
     return types.int64(arr, types.intp, types.int64), codegen
 
 
-@njit(cache=True, nogil=True, inline="always")
-def take(counter):
-    """The next item index (>= n when there are none left)."""
-    return _fetch_add(counter, 0, 1)
+@intrinsic
+def _cas(typingctx, arr, idx, old, new):
+    """Atomically: if arr[idx] == old, arr[idx] = new; whether it was swapped."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [args[1]])
+        pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 1)
+    return types.boolean(arr, types.intp, types.int64, types.int64), codegen
 
 
-@njit(cache=True, nogil=True, inline="always")
-def finish(counter):
-    _fetch_add(counter, 1, 1)
+@intrinsic
+def voidptr(typingctx, addr):
+    """An int64 address as a void pointer (for numba.carray)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    return types.voidptr(types.int64), codegen
+
+
+@njit(cache=True, nogil=True)
+def atomic_add(arr, idx, val):
+    """arr[idx] += val atomically, from Python; the old value."""
+    return _fetch_add(arr, idx, val)
+
+
+# the board: one int64 array shared by the caller and the workers
+EPOCH, NEXT, DONE, NITEMS, KIND, NWORK, TEPOCH = 0, 1, 2, 3, 4, 5, 6
+SLEEP = 8  # SLEEP + i: worker i sleeps on its queue
+ARGS = 32  # a task's arguments (addresses and sizes), written by its publisher
+BOARD = 64
+KERNEL, PYTHON, STOP = 0, 1, 2
+
+
+@njit(cache=True, nogil=True)
+def take(board, epoch):
+    """The next item of the task of `epoch`, or -1 when none is left or the task is over."""
+    while True:
+        v = _fetch_add(board, NEXT, 0)
+        if (v >> 32) != epoch or (v & 0xFFFFFFFF) >= board[NITEMS]:
+            return -1
+        if _cas(board, NEXT, v, v + 1):
+            return v & 0xFFFFFFFF
+
+
+@njit(cache=True, nogil=True)
+def finish(board):
+    _fetch_add(board, DONE, 1)
+
+
+def begin(board, epoch, n_items):
+    """Make a private board ready for one kernel task run by the calling thread alone."""
+    _begin(board, epoch, KERNEL, n_items, 0)
+
+
+@njit(cache=True, nogil=True)
+def _begin(board, epoch, kind, n_items, n_work):
+    """Make `epoch` the current task (its arguments at ARGS are written by the caller first)."""
+    board[DONE] = 0
+    board[NITEMS] = n_items
+    board[KIND] = kind
+    board[NWORK] = n_work
+    _fetch_add(board, NEXT, (epoch << 32) - _fetch_add(board, NEXT, 0))
+    _fetch_add(board, TEPOCH, epoch - _fetch_add(board, TEPOCH, 0))
+    _fetch_add(board, EPOCH, epoch - _fetch_add(board, EPOCH, 0))
+
+
+@njit(cache=True, nogil=True)
+def _wait_done(board, n_items, spins):
+    """Poll until n_items are done, at most `spins` times; whether they are."""
+    for _ in range(spins):
+        if _fetch_add(board, DONE, 0) >= n_items:
+            return True
+        _pause()
+    return _fetch_add(board, DONE, 0) >= n_items
 
 
 def allowed_cpus() -> int:
@@ -99,31 +165,107 @@ def _read(path: str) -> str:
         return f.read()
 
 
-class _Pool:
-    """Worker threads, each waiting on its own queue for (fn, counter, done_event)."""
+@intrinsic
+def _pause(typingctx):
+    """The CPU's spin-loop hint (x86 pause; nothing elsewhere)."""
+    def codegen(context, builder, sig, args):
+        import platform
+        if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
 
-    def __init__(self, n: int):
+
+@njit(cache=True, nogil=True)
+def _await_epoch(board, seen, spins):
+    """Poll board[0] (atomically) until it differs from `seen`, at most `spins` times; its value."""
+    for _ in range(spins):
+        e = _fetch_add(board, 0, 0)
+        if e != seen:
+            return e
+        _pause()
+    return _fetch_add(board, 0, 0)
+
+
+@njit(cache=True, nogil=True)
+def idle_loop(board, i, seen, spins, kernel_task):
+    """A worker between calls: run kernel tasks as they are posted (no Python, no GIL), return
+    (epoch, kind) for a task it cannot run here (PYTHON, STOP), or (seen, -1) after `spins`
+    polls with nothing new."""
+    while True:
+        e = _await_epoch(board, seen, spins)
+        if e == seen:
+            return seen, -1
+        seen = e
+        kind = board[KIND]
+        if kind != KERNEL:
+            return e, kind
+        if i < board[NWORK] and board[TEPOCH] == e:
+            kernel_task(board, e)
+
+
+class _Pool:
+    """Worker threads for run(). A task is announced by writing its arguments to the board and
+    bumping the epoch; a worker polls the epoch for up to _SPINS pause instructions (~50 us: the
+    gap between two products of one forward pass) inside numba, where kernel tasks run with no
+    GIL hand-over, and then sleeps on its queue, flagging board[SLEEP + i] so the next poster
+    wakes it. Between forward passes the workers sleep."""
+
+    def __init__(self, n: int, kernel_task):
+        self.board = np.zeros(BOARD, np.int64)
+        self.kernel_task = kernel_task
+        self.task = None  # (epoch, Python fn(board, epoch)) of the current PYTHON task
         self.queues = [queue.SimpleQueue() for _ in range(n)]
-        self.threads = [threading.Thread(target=self._work, args=(q,), daemon=True, name=f"edgellm-kernel-{i}")
-                        for i, q in enumerate(self.queues)]
+        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True, name=f"edgellm-kernel-{i}")
+                        for i in range(n)]
+        self.epoch = 0
         for t in self.threads:
             t.start()
 
-    @staticmethod
-    def _work(q):
+    def post(self, kind: int, n_items: int, n_workers: int, write_args=None, fn=None) -> int:
+        """Start a task; returns its epoch. write_args(board) writes a kernel task's arguments."""
+        self.epoch += 1
+        e = self.epoch
+        atomic_add(self.board, TEPOCH, -int(self.board[TEPOCH]))  # the old arguments are invalid now
+        if write_args is not None:
+            write_args(self.board)
+        self.task = (e, fn)
+        _begin(self.board, e, kind, n_items, n_workers)
+        for i in range(n_workers):
+            if atomic_add(self.board, SLEEP + i, 0):  # asleep: wake it
+                self.board[SLEEP + i] = 0
+                self.queues[i].put(e)
+        return e
+
+    def _work(self, i: int):
+        board, seen = self.board, 0
         while True:
-            task = q.get()
-            if task is None:
+            e, kind = idle_loop(board, i, seen, _SPINS, self.kernel_task)
+            if kind == STOP:
                 return
-            fn, counter, done = task
-            try:
-                fn(counter)
-            finally:
-                done.set()
+            if kind == PYTHON:
+                seen = e
+                task = self.task
+                if task is not None and task[0] == e and i < board[NWORK]:
+                    task[1](board, e)
+                continue
+            atomic_add(board, SLEEP + i, 1)  # nothing new for a while: sleep until woken
+            if atomic_add(board, EPOCH, 0) == seen:
+                self.queues[i].get()
+            else:
+                board[SLEEP + i] = 0
+
+    def wait(self, n_items: int) -> None:
+        """Until every item of the current task is done: poll briefly (an item a worker holds
+        takes microseconds), then sleep in steps (a worker the OS preempted)."""
+        if _wait_done(self.board, n_items, _SPINS):
+            return
+        while not _wait_done(self.board, n_items, 0):
+            time.sleep(20e-6)
 
     def close(self):
-        for q in self.queues:
-            q.put(None)
+        self.post(STOP, 0, len(self.queues))
 
 
 _state = {"mode": "auto", "max": 1, "pool": None, "calls": 0, "avg": {}, "last": 1}
@@ -140,6 +282,11 @@ def configure(n: int | str = "auto") -> None:
     _state["last"] = _state["max"]
 
 
+def max_count() -> int:
+    """The most threads a call may use (the fixed count, or the allowed CPUs under 'auto')."""
+    return _state["max"]
+
+
 def count() -> int:
     """The thread count the most recent large call used (the fixed count when not 'auto')."""
     return _state["last"]
@@ -149,17 +296,6 @@ def describe() -> str:
     if _state["mode"] == "fixed":
         return f"{_state['max']} (fixed)"
     return f"auto (up to {_state['max']}, now {_state['last']})"
-
-
-def _pool(n_workers: int) -> _Pool | None:
-    p = _state["pool"]
-    if n_workers <= 0:
-        return p
-    if p is None or len(p.queues) < n_workers:
-        if p is not None:
-            p.close()
-        p = _state["pool"] = _Pool(n_workers)
-    return p
 
 
 def _choose(work: int) -> int:
@@ -187,43 +323,58 @@ def _record(n: int, work: int, seconds: float) -> None:
     avg[n] = per if n not in avg else (1 - _ALPHA) * avg[n] + _ALPHA * per
 
 
-def run(fn, n_items: int, work: int) -> None:
-    """Call fn(counter) on this thread and on up to (threads - 1) workers; fn takes items with
-    `take(counter)` until it gets one >= n_items and calls `finish(counter)` after each. Returns
-    once every item is done. `work` (bytes x tokens) sizes the call for the thread choice."""
+def workers(kernel_task, n_workers: int) -> _Pool:
+    """The pool, (re)made with n_workers threads whose idle loop runs kernel_task(board, epoch)."""
+    p = _state["pool"]
+    if p is None or len(p.queues) != n_workers or p.kernel_task is not kernel_task:
+        if p is not None:
+            p.close()
+        p = _state["pool"] = _Pool(n_workers, kernel_task)
+    return p
+
+
+def run_kernel(kernel_task, write_args, n_items: int, work: int, alone) -> None:
+    """Run a kernel task: write_args(board) puts its arguments at board[ARGS:], then this thread
+    and up to (threads - 1) workers call kernel_task(board, epoch), which takes items with
+    `take(board, epoch)` and calls `finish(board)` after each. With one thread, alone() instead.
+    `work` (bytes x tokens) sizes the call for the thread choice."""
     n = max(1, min(_choose(work), n_items))
-    counter = np.zeros(2, np.int64)
     t0 = time.perf_counter()
     if n == 1:
-        fn(counter)
-        _record(1, work, time.perf_counter() - t0)
-        return
-    _state["last"] = n
-    pool = _pool(n - 1)
-    events = []
-    for q in pool.queues[: n - 1]:
-        ev = threading.Event()
-        q.put((fn, counter, ev))
-        events.append(ev)
-    fn(counter)
-    for ev in events:  # wait only while an item a worker took is unfinished
-        if counter[1] >= n_items:
-            break
-        ev.wait()
+        alone()
+    else:
+        _state["last"] = n
+        pool = workers(kernel_task, _state["max"] - 1)
+        e = pool.post(KERNEL, n_items, n - 1, write_args)
+        kernel_task(pool.board, e)
+        pool.wait(n_items)
     _record(n, work, time.perf_counter() - t0)
 
 
-def run_python(job, n_items: int, work: int) -> None:
-    """As run, for a Python job(i) per item (it should release the GIL: BLAS, nogil kernels)."""
-    lock = threading.Lock()
-    items = iter(range(n_items))
-
-    def fn(counter):
-        for i in items:  # next() on a range iterator is atomic under the GIL
+def run_python(job, n_items: int, work: int, kernel_task) -> None:
+    """Call job(i) for each item on this thread and the workers (job should release the GIL:
+    BLAS, nogil kernels). kernel_task: the pool's kernel (the pool is shared)."""
+    n = max(1, min(_choose(work), n_items))
+    t0 = time.perf_counter()
+    if n == 1:
+        for i in range(n_items):
             job(i)
-            with lock:
-                counter[1] += 1
-    run(fn, n_items, work)
+    else:
+        _state["last"] = n
+
+        def fn(board, e):
+            while True:
+                i = take(board, e)
+                if i < 0:
+                    return
+                job(i)
+                finish(board)
+
+        pool = workers(kernel_task, _state["max"] - 1)
+        e = pool.post(PYTHON, n_items, n - 1, fn=fn)
+        fn(pool.board, e)
+        pool.wait(n_items)
+    _record(n, work, time.perf_counter() - t0)
 
 
 configure("auto")
