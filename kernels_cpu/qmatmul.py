@@ -78,8 +78,9 @@ def tile_rows(k: int) -> int:
 
 @njit(cache=True, nogil=True)
 def _quantize_x(x, xq, xd, xs, x4n):
-    """x (T, K) f32 -> xq (T, Kp) i8, xd and xs (T, Kp/32) f32, x4n (T, Kp/4) i32 (module doc of
-    qmatmul_rows); the padding (K..Kp) must be zero on entry and stays so."""
+    """x (T, K) f32 -> xq (T, 2 Kp) i8, xd and xs (T, Kp/32) f32, x4n (T, Kp/4) i32 (module doc
+    of qmatmul_rows); the padding (K..Kp) must be zero on entry and stays so. Per 32-block:
+    v = rint(x * 127 * 128 / amax) split as hi = rint(v / 128), lo = v - 128 hi."""
     t_n, k = x.shape
     for t in range(t_n):
         for b in range(k // 32):
@@ -89,14 +90,18 @@ def _quantize_x(x, xq, xd, xs, x4n):
                 v = x[t, 32 * b + i]
                 s += v
                 amax = max(amax, abs(v))
-            d = amax / F32(127.0)
+            d = amax / F32(127.0 * 128.0)
             inv = F32(1.0) / d if d != 0 else F32(0.0)
             for g in range(8):
                 acc = 0
                 for i in range(4):
-                    q = np.int8(np.rint(x[t, 32 * b + 4 * g + i] * inv))
-                    xq[t, 32 * b + 4 * g + i] = q
-                    acc += q
+                    e = 32 * b + 4 * g + i
+                    v = np.int32(np.rint(x[t, e] * inv))
+                    hi = np.int32(np.rint(F32(v) / F32(128.0)))
+                    at = 2 * e - e % 64  # hi of element e; lo 64 bytes later
+                    xq[t, at] = hi
+                    xq[t, at + 64] = v - 128 * hi
+                    acc += v
                 x4n[t, 8 * b + g] = -acc
             xd[t, b] = d
             xs[t, b] = s
@@ -106,7 +111,7 @@ def quantize_x(x: np.ndarray):
     """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the row kernels read them."""
     t_n, k = x.shape
     kp = -(-k // 64) * 64
-    xq = np.zeros((t_n, kp), np.int8)
+    xq = np.zeros((t_n, 2 * kp), np.int8)
     xd = np.zeros((t_n, kp // 32), F32)
     xs = np.zeros((t_n, kp // 32), F32)
     x4n = np.zeros((t_n, kp // 4), I32)
@@ -128,7 +133,7 @@ _A_XQ, _A_XD, _A_XS, _A_X4, _A_OUT, _A_DESC, _A_IW, _A_IR = range(ARGS, ARGS + 1
 @njit(cache=True, nogil=True)
 def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
     board[_A_XQ], board[_A_XQ + 1] = xq.ctypes.data, xq.shape[0]
-    board[_A_XD], board[_A_XD + 1] = xd.ctypes.data, xq.shape[1]
+    board[_A_XD], board[_A_XD + 1] = xd.ctypes.data, xq.shape[1] // 2
     board[_A_XS] = xs.ctypes.data
     board[_A_X4] = x4n.ctypes.data
     board[_A_OUT], board[_A_OUT + 1] = out.ctypes.data, out.shape[1]
@@ -141,7 +146,7 @@ def _task(board, epoch):
     """Take items of the task `epoch` from the board until none is left (see above)."""
     t_n, kp = board[_A_XQ + 1], board[_A_XD + 1]
     n_out, n_w, n_items = board[_A_OUT + 1], board[_A_DESC + 1], board[_A_IW + 1]
-    xq1 = numba.carray(voidptr(board[_A_XQ]), t_n * kp, np.int8)
+    xq1 = numba.carray(voidptr(board[_A_XQ]), t_n * 2 * kp, np.int8)
     xd1 = numba.carray(voidptr(board[_A_XD]), t_n * kp // 32, np.float32)
     xs1 = numba.carray(voidptr(board[_A_XS]), t_n * kp // 32, np.float32)
     x4n1 = numba.carray(voidptr(board[_A_X4]), t_n * kp // 4, np.int32)
@@ -160,13 +165,13 @@ def _task(board, epoch):
         for r in range(item_r[0, i], item_r[1, i]):
             for t in range(t_n):
                 if code == Q4_K:
-                    c = _row_q4_k(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                    c = _row_q4_k(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
                 elif code == Q6_K:
-                    c = _row_q6_k(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                    c = _row_q6_k(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
                 elif code == Q8_0:
-                    c = _row_q8_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                    c = _row_q8_0(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
                 else:
-                    c = _row_q5_0(raw, r * rb, nb, xq1, t * kp, xd1, t * nbx, xs1, x4n1, ISA)
+                    c = _row_q5_0(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
                 out[t, col + r] = c
         finish(board)
 

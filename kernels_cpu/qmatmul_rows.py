@@ -3,16 +3,18 @@
 Each intrinsic reads a row straight from its GGUF block bytes (no packing, no copy) and returns
 the float32 dot product with x, where x is given as (see `qmatmul.quantize_x`):
 
-    xq  int8 (Kp,)      x rounded per 32-element block: x ~ xd[b] * xq  (|xq| <= 127)
-    xd  f32 (Kp / 32,)  the block scales, amax / 127
+    xq  int8 (2 Kp,)    x rounded per 32-element block to a 15-bit integer v = 128 hi + lo,
+                        x ~ xd[b] * v (|hi| <= 127, |lo| <= 64), as two int8 parts, interleaved
+                        per 64 elements: hi of elements 64g.. at byte 128g, lo at 128g + 64
+    xd  f32 (Kp / 32,)  the block scales, amax / (127 * 128)
     xs  f32 (Kp / 32,)  the float sums of x over each block (Q4_K's mins use these: exact)
-    x4n i32 (Kp / 4,)   minus the sums of xq over each 4 elements (the constant offsets:
+    x4n i32 (Kp / 4,)   minus the sums of v over each 4 elements (the constant offsets:
                         Q6_K -32, Q5_0 -16, Q8_0 -128 on VNNI, go into the int32 accumulators)
 
 Kp is K padded to a multiple of 64 with zeros, so a pair of 32-blocks can always be read.
 
-Per 64 weights: one unsigned 64-byte vector of quants against 64 bytes of xq through
-`simd.dp4` (vpdpbusd on VNNI CPUs), 16 int32 lanes of 4-element sums (exact), converted to float
+Per 64 weights: one unsigned 64-byte vector of quants against both parts of x through
+`simd.dp4x2` (two vpdpbusd on VNNI CPUs), 16 int32 lanes of 4-element sums (exact), converted to float
 and multiplied lane by lane by the (weight scale x activation scale) of the block each lane
 belongs to, accumulated in 16 float lanes; one fixed-order horizontal sum per row. The result is
 a function of the row and x alone: no dependence on threads, on the rows or tokens sharing the
@@ -29,7 +31,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import F32, V8F, V16F, concat, const_vec, dp4, dp4_signed, f16_to_f32, hsum, load_vec, shuffle, splat, vec
+from .simd import F32, V8F, V16F, concat, const_vec, dp4x2, f16_to_f32, hsum, load_vec, shuffle, splat, vec
 
 I64 = ir.IntType(64)
 I8P = ir.IntType(8).as_pointer()
@@ -50,7 +52,8 @@ def _ptrs(context, builder, sig, args):
 def _row_intrinsic(body):
     """Wrap body(builder, isa, p) -> float into an intrinsic with the common signature
     (raw, roff, nb, xq, xoff, xd, doff, xs, x4n, isa): row bytes from raw[roff], nb blocks,
-    x from xq[xoff], its scales and sums from xd[doff], xs[doff], x4n[xoff // 4]."""
+    x from xq[xoff] (xoff = 2 * t * Kp for token t), its scales and sums from xd[doff],
+    xs[doff], x4n[xoff // 8]."""
 
     def impl(typingctx, raw, roff, nb, xq, xoff, xd, doff, xs, x4n, isa):
         if not isinstance(isa, types.IntegerLiteral):
@@ -61,7 +64,7 @@ def _row_intrinsic(body):
             rawp, xqp, xdp, xsp, x4p = _ptrs(context, builder, sig, args)
             roff_, nb_, xoff_, doff_ = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6))
             p = dict(raw=builder.gep(rawp, [roff_]), xq=builder.gep(xqp, [xoff_]), xd=builder.gep(xdp, [doff_]),
-                     xs=builder.gep(xsp, [doff_]), x4n=builder.gep(x4p, [builder.mul(builder.sdiv(xoff_, _i64(4)), _i64(4))]),
+                     xs=builder.gep(xsp, [doff_]), x4n=builder.gep(x4p, [builder.sdiv(xoff_, _i64(2))]),
                      nb=nb_)
             return body(builder, path, p)
 
@@ -80,8 +83,17 @@ def _add_to(builder, slot, v):
 
 
 def _x4(builder, p, elem):
-    """<16 x i32> of x4n for the 64 activations starting at element `elem` (i64) of this row."""
+    """<16 x i32> of x4n for the 64 activations starting at element `elem` (i64) of this row
+    (int32 number elem / 4, at byte elem)."""
     return load_vec(builder, p["x4n"], elem, vec(32, 16))
+
+
+def _xv(builder, p, elem):
+    """The two int8 parts (hi, lo) of the 64 activations from element `elem` (i64): stored
+    interleaved per 64 elements, hi at byte 2 * elem, lo 64 bytes after it."""
+    at = builder.mul(elem, _i64(2))
+    return (load_vec(builder, p["xq"], at, vec(8, 64)),
+            load_vec(builder, p["xq"], builder.add(at, _i64(64)), vec(8, 64)))
 
 
 def _lanes(builder, s, idx):
@@ -119,8 +131,8 @@ def _row_q4_k(builder, isa, p):
         for j in range(4):
             q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
             w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
-            xv = load_vec(builder, p["xq"], builder.add(builder.mul(b, _i64(256)), _i64(64 * j)), vec(8, 64))
-            f = builder.sitofp(dp4(builder, isa, ZERO16, w, xv), V16F)
+            xv = _xv(builder, p, builder.add(builder.mul(b, _i64(256)), _i64(64 * j)))
+            f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xv), V16F)
             _add_to(builder, acc, builder.fmul(f, _lanes(builder, s8, [2 * j] * 8 + [2 * j + 1] * 8)))
     return builder.fsub(hsum(builder, builder.load(acc)), hsum(builder, builder.load(macc)))
 
@@ -151,8 +163,7 @@ def _row_q6_k(builder, isa, p):
                 grp = 2 * h + g  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
                 elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
                 init = builder.shl(_x4(builder, p, elem), const_vec(32, [5] * 16))  # -32 * sum(x)
-                xv = load_vec(builder, p["xq"], elem, vec(8, 64))
-                f = builder.sitofp(dp4(builder, isa, init, concat(builder, e[2 * g], e[2 * g + 1]), xv), V16F)
+                f = builder.sitofp(dp4x2(builder, isa, init, concat(builder, e[2 * g], e[2 * g + 1]), _xv(builder, p, elem)), V16F)
                 _add_to(builder, acc, builder.fmul(f, _lanes(builder, s16, [4 * grp + i // 4 for i in range(16)])))
     return hsum(builder, builder.load(acc))
 
@@ -170,12 +181,12 @@ def _pairs(builder, isa, p, bytes_per_block, weights, signed_shift):
         w0 = weights(blk0)
         w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
         elem = builder.mul(b0, _i64(32))
-        xv = load_vec(builder, p["xq"], elem, vec(8, 64))
+        xv = _xv(builder, p, elem)
         x4 = _x4(builder, p, elem)
         if signed_shift is None:
-            dots = dp4_signed(builder, isa, ZERO16, concat(builder, w0, w1), xv, x4)
+            dots = dp4x2(builder, isa, ZERO16, concat(builder, w0, w1), xv, signed=True, x4n=x4)
         else:
-            dots = dp4(builder, isa, builder.shl(x4, const_vec(32, [signed_shift] * 16)), concat(builder, w0, w1), xv)
+            dots = dp4x2(builder, isa, builder.shl(x4, const_vec(32, [signed_shift] * 16)), concat(builder, w0, w1), xv)
         s0 = builder.fmul(f16_to_f32(builder, blk0, _i64(0)), builder.load(builder.gep(p["xd"], [b0])))
         s1 = (ir.Constant(F32, 0.0) if lone else
               builder.fmul(f16_to_f32(builder, blk1, _i64(0)), builder.load(builder.gep(p["xd"], [builder.add(b0, _i64(1))]))))

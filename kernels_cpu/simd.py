@@ -160,6 +160,23 @@ def dp4_signed(builder, isa: int, acc, w, x, x4n):
     return builder.add(acc, _sum4(builder, prod))
 
 
+def dp4x2(builder, isa: int, acc, w, x, signed=False, x4n=None):
+    """acc + dp4 of w with the two-part activations x = (hi, lo): 128 * (w . hi) + (w . lo), the
+    products of w with x = 128 hi + lo (two int8 vectors carry a 15-bit activation). signed: w is
+    signed int8 (dp4_signed, with x4n the negated 4-sums of 128 hi + lo)."""
+    hi, lo = x
+    zero, seven = const_vec(32, [0] * 16), const_vec(32, [7] * 16)
+    if signed and isa in (AVX512VNNI, AVXVNNI):  # (w + 128) . x - 128 * sum(x), once for both parts
+        w = builder.xor(w, const_vec(8, [0x80] * 64))
+        acc = builder.add(acc, builder.shl(x4n, seven))
+        signed = False
+    if signed:
+        first = dp4_signed(builder, isa, zero, w, hi, None)
+        return dp4_signed(builder, isa, builder.add(acc, builder.shl(first, seven)), w, lo, None)
+    first = dp4(builder, isa, zero, w, hi)
+    return dp4(builder, isa, builder.add(acc, builder.shl(first, seven)), w, lo)
+
+
 def hsum(builder, v):
     """Sum of a float vector's lanes in a fixed tree (halves added lane by lane)."""
     n = v.type.count

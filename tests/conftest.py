@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 MODELS = ["gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
-REFERENCE = Path(os.environ.get("EDGELLM_REFERENCE", Path(__file__).resolve().parents[1].parent / "shared" / "reference"))
+# llama.cpp's outputs (copied from shared/reference, which a fresh clone does not have)
+REFERENCE = Path(os.environ.get("EDGELLM_REFERENCE", Path(__file__).resolve().parent / "data" / "reference"))
 
 
 def model_file(name: str) -> Path:
