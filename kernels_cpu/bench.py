@@ -1,12 +1,14 @@
 """Throughput of the quantized products on the real shapes of the catalog models.
 
-    python -m edgellm.kernels_cpu.bench [--threads 1 2] [--backends onnxruntime numba numpy] [--json]
+    python -m edgellm.kernels_cpu.bench [--threads 1 2] [--backends numba numpy] [--json]
 
 Weights are random but valid GGUF blocks of each tensor's real type and shape. A decode product
 (T = 1) cycles through enough copies of the matrix to overflow the L3 cache, so it measures DRAM
 traffic as a real forward pass does; the bytes counted are the GGUF bytes of the weights. Each row
 is the median of several timed passes. `models()` then sums the per-shape times over a model's
-layers to give the matmul share of a decode step and of a 512-token prefill.
+layers to give the matmul share of a decode step and of a 512-token prefill. The DRAM read
+bandwidth is measured in the same run (`dram_gbs`: numpy summing 512 MB, 1 and 2 threads) and
+each decode row states its share of it.
 """
 from __future__ import annotations
 
@@ -19,10 +21,9 @@ import time
 import numpy as np
 
 from ..quant.ggml_types import GGMLType
-from . import linear
+from . import linear, threads
 from .qmatmul_ref import random_raw
 
-DRAM_GBS = 31.0  # measured 2-thread read bandwidth of the reference machine (shared/reference/MACHINE.md)
 _L3_BYTES = 96 << 20  # bytes of weights to cycle through for decode (3x a 32 MiB L3)
 Q = GGMLType
 
@@ -38,7 +39,6 @@ MODELS = {
                            (8960, 1536, Q.Q4_K, 56), (1536, 8960, Q.Q4_K, 14), (1536, 8960, Q.Q6_K, 14),
                            (151936, 1536, Q.Q6_K, 1)],
 }
-LLAMA_CPP = {"gemma3-270m": (466, 81.3), "qwen2.5-coder-0.5b": (148, 48.0), "qwen2.5-coder-1.5b": (68, 23.1)}
 
 
 def _time(fn, reps: int, min_s: float) -> float:
@@ -55,21 +55,37 @@ def _time(fn, reps: int, min_s: float) -> float:
     return float(np.median(ts))
 
 
-def measure(n: int, k: int, t: GGMLType, tokens: int, threads: int, backend: str,
+def dram_gbs(n_threads: int) -> float:
+    """Read bandwidth: the best of 5 sums of a 512 MB array, split over n_threads threads (numpy's
+    sum releases the GIL)."""
+    import concurrent.futures as cf
+
+    a = np.ones(64 << 20, np.float64)
+    parts = np.array_split(a, n_threads)
+    with cf.ThreadPoolExecutor(n_threads) as ex:
+        best = 0.0
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def measure(n: int, k: int, t: GGMLType, tokens: int, n_threads: int, backend: str,
             rng: np.random.Generator) -> dict:
-    linear.set_threads(threads)
+    kern = linear.select(backend, n_threads)
     row_bytes = t.row_bytes(k)
     copies = 1 if tokens > 1 else max(1, min(16, _L3_BYTES // (n * row_bytes)))
-    ws = [linear.pack(random_raw(t, n, k, rng), t, k, backend) for _ in range(copies)]
+    ws = [kern.make_linear(random_raw(t, n, k, rng), t, k) for _ in range(copies)]
     x = rng.standard_normal((tokens, k)).astype(np.float32)
 
     def run():
         for w in ws:
-            linear.matmul(w, x)
+            w(x)
     reps = 3 if tokens * n * k > 1e9 else 7
     sec = _time(run, reps, 0.2) / copies
     return {"op": "matvec" if tokens == 1 else "matmul", "type": t.name.lower(), "rows": n, "cols": k,
-            "tokens": tokens, "threads": threads, "backend": backend,
+            "tokens": tokens, "threads": n_threads, "backend": backend,
             "seconds": sec, "gweights_per_s": n * k * tokens / sec / 1e9,
             "gbytes_per_s": n * row_bytes / sec / 1e9}
 
@@ -82,36 +98,39 @@ def run(threads_list=(1, 2), json: bool = False, backends=None, tokens_list=(1, 
     shapes = sorted({(n, k, t) for m in (model_names or MODELS) for n, k, t, _ in MODELS[m]},
                     key=lambda s: (s[2], s[0] * s[1]))
     rows = []
-    old = linear.get_threads()
+    old = threads.max_count()
     try:
-        for threads in threads_list:
+        for n_threads in threads_list:
+            bw = dram_gbs(n_threads)
+            line = {"op": "dram", "threads": n_threads, "gbytes_per_s": bw}
+            rows.append(line)
+            print(_json.dumps(line) if json else f"dram   read bandwidth thr={n_threads} {bw:6.1f} GB/s", flush=True)
             for backend in backends:
                 for tokens in tokens_list:
                     for n, k, t in shapes:
-                        r = measure(n, k, t, tokens, threads, backend, rng)
+                        r = measure(n, k, t, tokens, n_threads, backend, rng)
+                        r["dram_share"] = r["gbytes_per_s"] / bw if tokens == 1 else None
                         rows.append(r)
-                        if json:
-                            print(_json.dumps(r), flush=True)
-                        else:
-                            print(_format(r), flush=True)
+                        print(_json.dumps(r) if json else _format(r), flush=True)
     finally:
-        linear.set_threads(old)
+        threads.configure(old)
     for line in models(rows):
         print(_json.dumps(line) if json else _format_model(line), flush=True)
     return rows
 
 
 def _format(r: dict) -> str:
-    roof = r["gbytes_per_s"] / DRAM_GBS
     return (f"{r['op']:6s} {r['type']:5s} {r['rows']:>6d}x{r['cols']:<5d} T={r['tokens']:<3d} "
-            f"thr={r['threads']} {r['backend']:11s} {r['seconds'] * 1e6:10.0f} us  "
-            f"{r['gweights_per_s']:7.1f} Gw/s  {r['gbytes_per_s']:6.1f} GB/s" + (f"  ({roof:4.0%} of {DRAM_GBS:.0f} GB/s)" if r["tokens"] == 1 else ""))
+            f"thr={r['threads']} {r['backend']:6s} {r['seconds'] * 1e6:10.0f} us  "
+            f"{r['gweights_per_s']:7.1f} Gw/s  {r['gbytes_per_s']:6.1f} GB/s"
+            + (f"  ({r['dram_share']:4.0%} of DRAM)" if r["dram_share"] else ""))
 
 
 def models(rows: list[dict]) -> list[dict]:
     """Per (model, backend, threads, tokens): the summed matmul time of one forward pass. A prefill
     runs the output head on its last token only, so its head is counted at T = 1 (when measured)."""
     out = []
+    rows = [r for r in rows if r["op"] != "dram"]
     index = {(r["rows"], r["cols"], r["type"], r["tokens"], r["threads"], r["backend"]): r["seconds"] for r in rows}
     keys = {(r["tokens"], r["threads"], r["backend"]) for r in rows}
     for name, shapes in MODELS.items():
@@ -122,18 +141,15 @@ def models(rows: list[dict]) -> list[dict]:
             if any(s is None for s in secs):
                 continue
             total = sum(s * c for s, (_, _, _, c) in zip(secs, shapes))
-            pp, tg = LLAMA_CPP[name]
             out.append({"op": "model", "model": name, "tokens": tokens, "threads": threads, "backend": backend,
-                        "matmul_seconds": total, "tokens_per_s": tokens / total,
-                        "llama_cpp_tokens_per_s": (tg if tokens == 1 else pp) if threads == 2 else None})
+                        "matmul_seconds": total, "tokens_per_s": tokens / total})
     return out
 
 
 def _format_model(m: dict) -> str:
-    ref = f" (llama.cpp whole model: {m['llama_cpp_tokens_per_s']} tok/s)" if m["llama_cpp_tokens_per_s"] else ""
     what = "decode" if m["tokens"] == 1 else f"prefill {m['tokens']}"
     return (f"model  {m['model']:20s} {what:12s} thr={m['threads']} {m['backend']:11s} matmuls only: "
-            f"{m['matmul_seconds'] * 1e3:8.1f} ms/pass = {m['tokens_per_s']:7.1f} tok/s{ref}")
+            f"{m['matmul_seconds'] * 1e3:8.1f} ms/pass = {m['tokens_per_s']:7.1f} tok/s (`edgellm bench MODEL` compares whole models with llama.cpp)")
 
 
 def main(argv=None) -> None:
@@ -145,7 +161,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     header = sys.stderr if a.json else sys.stdout  # --json: stdout holds only JSON lines
-    print("#", linear.describe_backend(), file=header)
+    print("#", linear.select(None, a.threads[-1]).describe, file=header)
     try:
         load = open("/proc/loadavg").read().split()[0]
         print(f"# load average {load} on {os.cpu_count()} cores (other work skews multi-thread rows)", file=header)

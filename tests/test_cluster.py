@@ -132,8 +132,8 @@ def test_column_split_inside_a_quant_block_is_exact():
     parts = []
     for c0, c1 in ((0, cut), (cut, K)):
         b0, b1 = c0 // bs, -(-c1 // bs)
-        w = linear.pack(np.ascontiguousarray(raw[:, b0 * ts:b1 * ts]), t, (b1 - b0) * bs, backend="numpy")
-        fn = _padded(lambda v, w=w: linear.matmul(w, v), c1 - c0, c0 - b0 * bs, b1 * bs - c1)
+        w = linear.select("numpy").make_linear(np.ascontiguousarray(raw[:, b0 * ts:b1 * ts]), t, (b1 - b0) * bs)
+        fn = _padded(w, c1 - c0, c0 - b0 * bs, b1 * bs - c1)
         parts.append(fn(x[:, c0:c1]))
     ref = matmul_ref(raw, t, K, x)
     assert np.allclose(parts[0] + parts[1], ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())

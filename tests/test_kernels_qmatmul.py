@@ -1,201 +1,190 @@
-"""Quantized products (kernels_cpu.linear) on every backend against the float64 reference.
+"""The quantized products (kernels_cpu.qmatmul) against their numpy references.
 
-The reference is `dequantize then x @ W.T` in float64, with the weights from the numpy reference
-dequantizer (edgellm.quant.formats, itself bit-exact to gguf-py). Tolerance per output
-(`linear.tolerance`): a backend that rounds activations to integers per scale block may be off by
-at most sum_b amax_b(x) / (2 qmax) * |w_b|_1, the worst case of that rounding (onnxruntime: int8,
-qmax 127; numba for T <= 8: int16, qmax 32767); every backend gets 1e-5 * |x|.|w| more for float32
-accumulation. In practice onnxruntime lands at 5-25% of its bound, the others at <20% of theirs.
+The reference for a decode product is its recipe in numpy float64: x rounded per 32-block to the
+15-bit integers qmatmul.quantize_x makes (checked here against a numpy transcription), the
+dequantized GGUF weights (quant/, bit-exact to gguf-py), Q4_K's mins against the float sums of x.
+What is left is float32 accumulation: 2e-6 * |x| . |w|. Every CPU path this machine offers must
+give the same bits; results must not depend on threads, batch size or row chunks.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgellm.kernels_cpu import linear, qmatmul_ort
-from edgellm.kernels_cpu.qmatmul_ref import dequantize_rows, dequantize_split, int8_error_bound, random_raw, split
-from edgellm.loaders.store import is_cached, model_path
-from edgellm.quant.formats import dequantize
+from edgellm.kernels_cpu import linear, qmatmul as qm, simd, threads
+from edgellm.kernels_cpu.qmatmul_ref import dequantize_rows, random_raw, split
+from edgellm.loaders.gguf import GGUFFile
 from edgellm.quant.ggml_types import GGMLType as T
 
+from conftest import model_file
+
 QTYPES = [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0]
-BACKENDS = linear.available_backends()
-N, K = 75, 512  # N not a multiple of the numba tile, K two K-quant super-blocks
+PATHS = simd.supported()
 
 
-def _check(w: linear.PackedWeight, wref: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    ref = x.astype(np.float64) @ wref.astype(np.float64).T
-    tol = linear.tolerance(w, x, wref)
-    worst = float((np.abs(y - ref) / tol).max())
-    assert y.dtype == np.float32 and y.shape == ref.shape
-    assert worst <= 1.0, f"{w.backend} {w.ggml_type.name}: error reaches {worst:.2f}x the tolerance"
+def _quantized_x(x):
+    """numpy transcription of quantize_x: (v int64 (T, K), d (T, K/32))."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=2)
+    d = (amax / np.float32(127 * 128)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    v = np.rint(xb * inv[:, :, None]).astype(np.int64)
+    return v.reshape(x.shape), d
 
 
-@pytest.mark.parametrize("t", QTYPES + [T.F32, T.F16], ids=lambda t: t.name)
-def test_split_is_the_gguf_values(t):
-    raw = random_raw(t, N, K, np.random.default_rng(1))
-    ref = dequantize(raw, t).reshape(N, K)
-    assert np.array_equal(dequantize_rows(raw, t, K).view(np.uint32), ref.view(np.uint32))
+def _reference(raw, t, k, x):
+    v, d = _quantized_x(x)
+    xh = (v.reshape(x.shape[0], -1, 32) * d[:, :, None].astype(np.float64)).reshape(x.shape)
+    s = split(raw, t, k)
+    if s.mins is None:
+        return xh @ dequantize_rows(raw, t, k).astype(np.float64).T
+    q = s.q.astype(np.float64).reshape(raw.shape[0], -1, s.bs)  # Q4_K: scale * q - mins
+    scaled = (q * s.scale[:, :, None]).reshape(raw.shape[0], k)
+    xsum = x.reshape(x.shape[0], -1, s.bs).sum(axis=2, dtype=np.float64)
+    return xh @ scaled.T - xsum @ s.mins.astype(np.float64).T
+
+
+def test_quantize_x_is_its_recipe():
+    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
+    x[1, 40:64] = 0  # an all-zero block
+    xq, xd, xs, x4n = qm.quantize_x(x)
+    v, d = _quantized_x(x)
+    kp = xq.shape[1] // 2
+    hi = xq.reshape(3, kp // 64, 2, 64)[:, :, 0].reshape(3, kp).astype(np.int64)
+    lo = xq.reshape(3, kp // 64, 2, 64)[:, :, 1].reshape(3, kp).astype(np.int64)
+    assert not hi[:, 96:].any() and not lo[:, 96:].any() and not x4n[:, 24:].any()  # the padding stays zero
+    hi, lo = hi[:, :96], lo[:, :96]
+    assert np.array_equal(128 * hi + lo, v) and np.abs(hi).max() <= 127 and np.abs(lo).max() <= 64
+    assert np.array_equal(xd[:, :3], d)
+    assert np.array_equal(x4n[:, :24], -v.reshape(3, 24, 4).sum(axis=2))
+    assert np.allclose(xs[:, :3], x.reshape(3, 3, 32).sum(axis=2), rtol=1e-6)
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-def test_ort_weights_are_exact(t):
-    """The MatMulNBits initializers, dequantized as onnxruntime defines it, are the GGUF values."""
-    raw = random_raw(t, N, K, np.random.default_rng(2))
-    s = split(raw, t, K)
-    a = qmatmul_ort.ort_arrays(s)
-    nb = K // s.bs
-    if s.mins is not None:  # 4-bit, element 2j in the low nibble, zero points given (all 0)
-        q = np.stack([a["B"] & 15, a["B"] >> 4], axis=-1).reshape(N, nb, s.bs).astype(np.float32)
-        zp = np.stack([a["Z"] & 15, a["Z"] >> 4], axis=-1).reshape(N, -1)[:, :nb, None].astype(np.float32)
-        w = (q - zp) * a["S"].reshape(N, nb, 1) + a["M"].T[:, :, None]
-    else:  # 8-bit, default zero point 128
-        w = (a["B"].astype(np.float32) - 128) * a["S"].reshape(N, nb, 1)
-    assert np.array_equal(w.reshape(N, K), dequantize(raw, t).reshape(N, K))
+@pytest.mark.parametrize("k", [512, 1536])
+def test_decode_matches_the_recipe_on_every_path(t, k):
+    rng = np.random.default_rng(int(t) + k)
+    raw = random_raw(t, 75, k, rng)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ref = _reference(raw, t, k, x)
+    tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, k)).T) + 1e-30
+    w = qm.Weight(raw, t, k)
+    ys = [qm.matmul(w, x, isa) for isa in PATHS]
+    assert float((np.abs(ys[0] - ref) / tol).max()) <= 1.0
+    for isa, y in zip(PATHS[1:], ys[1:]):
+        assert np.array_equal(y, ys[0]), f"{simd.NAMES[isa]} differs from {simd.NAMES[PATHS[0]]}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t", QTYPES + [T.F32, T.F16], ids=lambda t: t.name)
-def test_matmul_random(backend, t):
-    rng = np.random.default_rng(3)
-    raw = random_raw(t, N, K, rng)
-    wref = dequantize(raw, t).reshape(N, K)
-    w = linear.pack(raw, t, K, backend)
-    for tokens in (1, 7, 64):
-        x = rng.standard_normal((tokens, K)).astype(np.float32)
-        _check(w, wref, x, linear.matmul(w, x))
-    rows = np.array([N - 1, 0, 17, 17, 40], np.int64)
-    x = rng.standard_normal(K).astype(np.float32)
-    y = linear.matvec_rows(w, x, rows)
-    _check(w, wref[rows], x[None, :], y[None, :])
-
-
-@pytest.mark.parametrize("t", [T.Q4_0, T.Q5_K], ids=lambda t: t.name)
-def test_other_types_fall_back_to_float(t):
-    """Types without a fused path are dequantized once into a float32 matrix (BLAS products)."""
-    rng = np.random.default_rng(11)
-    raw = random_raw(t, N, K, rng)
-    wref = dequantize(raw, t).reshape(N, K)
-    w = linear.pack(raw, t, K)
-    assert w.backend == "float"
-    x = rng.standard_normal((7, K)).astype(np.float32)
-    _check(w, wref, x, linear.matmul(w, x))
-    rows = np.array([3, 1], np.int64)
-    _check(w, wref[rows], x[:1], linear.matvec_rows(w, x[0], rows)[None, :])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_scales_and_outliers(backend):
-    """Q4_K sub-blocks whose scale is 0 (only the min is left); activations with an outlier."""
-    rng = np.random.default_rng(4)
-    raw = random_raw(T.Q4_K, N, K, rng).reshape(-1, T.Q4_K.type_size).copy()
-    raw[::3, 4:8] &= 0xC0  # first four 6-bit scales of every third super-block -> 0
-    raw = raw.reshape(N, -1)
-    wref = dequantize(raw, T.Q4_K).reshape(N, K)
-    w = linear.pack(raw, T.Q4_K, K, backend)
-    x = rng.standard_normal((3, K)).astype(np.float32)
-    x[1, 5] = 1e3
-    _check(w, wref, x, linear.matmul(w, x))
-
-
-GEMMA = "gemma3-270m"
-REAL = {T.Q5_0: "blk.0.ffn_up.weight", T.Q8_0: "token_embd.weight",
-        T.Q4_K: "blk.0.attn_output.weight", T.Q6_K: "blk.0.ffn_down.weight"}
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    if not is_cached(GEMMA):
-        pytest.skip(f"{GEMMA} is not in the model cache")
-    from edgellm.loaders.gguf import GGUFFile
-    with GGUFFile(model_path(GEMMA)) as f:
-        yield f
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-def test_matmul_real_gemma(gemma, backend, t):
-    info = gemma.tensors[REAL[t]]
-    assert info.type == t
-    raw = gemma.rows(REAL[t])[:1024]  # (the 262144-row embedding: its first 1024 rows)
-    k = info.shape[0]
-    wref = dequantize(raw, t).reshape(-1, k)
-    w = linear.pack(raw, t, k, backend)
+@pytest.mark.parametrize("t", [T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+def test_an_odd_number_of_32_blocks(t):
     rng = np.random.default_rng(5)
-    for tokens in (1, 7, 64):
-        x = rng.standard_normal((tokens, k)).astype(np.float32)
-        _check(w, wref, x, linear.matmul(w, x))
-    rows = rng.choice(raw.shape[0], 100, replace=False).astype(np.int64)
-    x = rng.standard_normal(k).astype(np.float32)
-    _check(w, wref[rows], x[None, :], linear.matvec_rows(w, x, rows)[None, :])
+    raw = random_raw(t, 40, 96, rng)  # 3 blocks: one pair and a lone block
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, 96)).T) + 1e-30
+    assert float((np.abs(qm.matmul(qm.Weight(raw, t, 96), x) - _reference(raw, t, 96, x)) / tol).max()) <= 1.0
 
 
-def test_numba_int16_activations_are_near_exact():
-    """numba rounds x to int16: ~256x closer to the float product than the int8 bound allows."""
-    if "numba" not in BACKENDS:
-        pytest.skip("numba is not installed")
-    rng = np.random.default_rng(6)
-    raw = random_raw(T.Q4_K, N, K, rng)
-    x = rng.standard_normal((1, K)).astype(np.float32)
-    wref = dequantize(raw, T.Q4_K).reshape(N, K).astype(np.float64)
-    err = np.abs(linear.matmul(linear.pack(raw, T.Q4_K, K, "numba"), x) - x @ wref.T)
-    assert np.all(err <= 1e-5 * (np.abs(x) @ np.abs(wref).T) + int8_error_bound(wref, x, 32, 32767))
-    assert err.max() < int8_error_bound(wref, x).min() / 16
+def test_zero_blocks_and_outliers():
+    rng = np.random.default_rng(3)
+    for t in QTYPES:
+        raw = random_raw(t, 20, 512, rng)
+        x = rng.standard_normal((2, 512)).astype(np.float32)
+        x[0, :64] = 0
+        x[1, 7] = 3e4
+        y = qm.matmul(qm.Weight(raw, t, 512), x)
+        assert np.isfinite(y).all()
+        tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, 512)).T) + 1e-30
+        assert float((np.abs(y - _reference(raw, t, 512, x)) / tol).max()) <= 1.0, t.name
 
 
-@pytest.mark.skipif("onnxruntime" not in BACKENDS, reason="onnxruntime is not installed")
-def test_threads_rebuild_ort_sessions():
-    rng = np.random.default_rng(7)
-    raw = random_raw(T.Q5_0, N, K, rng)
-    old = linear.get_threads()
+def test_results_do_not_depend_on_batch_threads_or_grouping():
+    """What speculative verification needs: a token's row is the same bits whatever shares its call."""
+    rng = np.random.default_rng(9)
+    ws = [qm.Weight(random_raw(t, 3000, 1536, rng), t, 1536) for t in QTYPES]
+    x = rng.standard_normal((qm.SMALL_T, 1536)).astype(np.float32)
+    old = threads.max_count()
     try:
-        linear.set_threads(2)
-        w = linear.pack(raw, T.Q5_0, K, "onnxruntime")
-        assert w.data.threads == 2
-        linear.set_threads(1)
-        x = rng.standard_normal((2, K)).astype(np.float32)
-        _check(w, dequantize(raw, T.Q5_0).reshape(N, K), x, linear.matmul(w, x))
-        assert w.data.threads == 1
-        assert all(c.released for c in w.data.chunks)  # the originals were handed back
+        threads.configure(1)
+        alone = [qm.matmul(w, x[2:3]) for w in ws]
+        threads.configure(2)
+        grouped = qm.Product(ws)(x)
+        for a, g in zip(alone, grouped):
+            assert np.array_equal(a[0], g[2])
     finally:
-        linear.set_threads(old)
+        threads.configure(old)
 
 
-def test_ort_row_chunks(monkeypatch):
-    """A matrix larger than one session's chunk is built from several and reassembled in order."""
-    monkeypatch.setattr(qmatmul_ort, "CHUNK_BYTES", 1)  # -> 256-row chunks
-    rng = np.random.default_rng(8)
-    raw = random_raw(T.Q4_K, 600, 256, rng)
-    w = linear.pack(raw, T.Q4_K, 256, "onnxruntime")
-    assert [(c.n0, c.n1) for c in w.data.chunks] == [(0, 256), (256, 512), (512, 600)]
-    x = rng.standard_normal((3, 256)).astype(np.float32)
-    _check(w, dequantize(raw, T.Q4_K).reshape(600, 256), x, linear.matmul(w, x))
+@pytest.mark.parametrize("n_tok", [1, qm.SMALL_T + 1])
+def test_row_chunks_give_the_same_bits_as_the_whole_matrix(n_tok):
+    """What makes a streamed output head (computed chunk by chunk) equal a resident one."""
+    rng = np.random.default_rng(7)
+    k = 640
+    tile = qm.tile_rows(k)
+    raw = random_raw(T.Q8_0, 7 * tile + 100, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    whole = qm.matmul(qm.Weight(raw, T.Q8_0, k), x)
+    cuts = [0, tile, 5 * tile, raw.shape[0]]
+    parts = [qm.matmul(qm.Weight(raw[a:b], T.Q8_0, k), x) for a, b in zip(cuts, cuts[1:])]
+    assert np.array_equal(np.concatenate(parts, axis=1), whole)
 
 
-def test_backend_selection(monkeypatch):
-    monkeypatch.setenv("EDGELLM_BACKEND", "numpy")
-    assert linear.default_backend() == "numpy"
-    assert linear.describe_backend().startswith("numpy")
-    monkeypatch.setenv("EDGELLM_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="EDGELLM_BACKEND"):
-        linear.default_backend()
-    monkeypatch.delenv("EDGELLM_BACKEND")
-    assert linear.default_backend() == "numba"  # the fidelity default (see linear.default_backend)
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+def test_prefill_is_the_exact_path(t):
+    rng = np.random.default_rng(11)
+    raw = random_raw(t, 300, 512, rng)
+    x = rng.standard_normal((qm.SMALL_T + 5, 512)).astype(np.float32)
+    exact = linear.select("numpy").make_linear(raw, t, 512)(x)
+    assert np.allclose(qm.matmul(qm.Weight(raw, t, 512), x), exact, rtol=1e-5, atol=1e-4)
 
 
-def test_bad_inputs():
-    raw = random_raw(T.Q8_0, 4, 64, np.random.default_rng(9))
-    with pytest.raises(ValueError, match="block size"):
-        linear.pack(raw, T.Q8_0, 48)
-    w = linear.pack(raw, T.Q8_0, 64, "numpy")
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.Q4_0, T.Q5_K], ids=lambda t: t.name)
+def test_other_types_go_through_the_reference(t):
+    rng = np.random.default_rng(4)
+    raw = random_raw(t, 30, 256, rng)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequantize_rows(raw, t, 256).astype(np.float64).T
+    assert np.allclose(qm.matmul(qm.Weight(raw, t, 256), x), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_real_weights_of_each_fast_type():
+    with GGUFFile(model_file("qwen2.5-coder-0.5b")) as f:
+        for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight"):
+            t = f.info(name)
+            raw = np.array(f.rows(name))
+            x = np.random.default_rng(1).standard_normal((2, t.shape[0])).astype(np.float32)
+            tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t.type, t.shape[0])).T) + 1e-30
+            y = qm.matmul(qm.Weight(raw, t.type, t.shape[0]), x)
+            assert float((np.abs(y - _reference(raw, t.type, t.shape[0], x)) / tol).max()) <= 1.0, name
+
+
+def test_bad_inputs_are_errors():
+    raw = random_raw(T.Q8_0, 4, 64, np.random.default_rng(0))
+    p = qm.Product([qm.Weight(raw, T.Q8_0, 64)])
     with pytest.raises(ValueError, match="expected"):
-        linear.matmul(w, np.zeros((1, 32), np.float32))
-    with pytest.raises(IndexError):
-        linear.matvec_rows(w, np.zeros(64, np.float32), np.array([4]))
+        p(np.zeros((1, 32), np.float32))
+    with pytest.raises(ValueError, match="one K"):
+        qm.Product([qm.Weight(raw, T.Q8_0, 64), qm.Weight(random_raw(T.Q8_0, 4, 96, np.random.default_rng(0)), T.Q8_0, 96)])
+    with pytest.raises(ValueError, match="not one of"):
+        linear.select("onnxruntime")
+    with pytest.raises(ValueError):
+        threads.configure(0)
 
 
-def test_dequantize_split_roundtrip():
-    raw = random_raw(T.Q6_K, 8, 256, np.random.default_rng(10))
-    s = split(raw, T.Q6_K, 256)
-    assert s.q.dtype == np.int8 and s.scale.shape == (8, 16) and s.mins is None
-    assert np.array_equal(dequantize_split(s), dequantize(raw, T.Q6_K).reshape(8, 256))
+def test_forcing_a_path(monkeypatch):
+    monkeypatch.setenv("EDGELLM_ISA", "generic")
+    assert simd.chosen() == simd.GENERIC
+    monkeypatch.setenv("EDGELLM_ISA", "sse9")
+    with pytest.raises(ValueError, match="not one of"):
+        simd.chosen()
+
+
+def test_auto_threads_stay_within_the_allowed_cpus():
+    threads.configure("auto")
+    assert 1 <= threads.max_count() <= threads.allowed_cpus()
+
+
+@pytest.mark.parametrize("t", QTYPES + [T.F16, T.F32], ids=lambda t: t.name)
+def test_prefill_tiles_dequantize_to_the_gguf_values(t):
+    from edgellm.kernels_cpu.qmatmul_dq import dequantize_rows as dq
+    raw = random_raw(t, 50, 512, np.random.default_rng(int(t)))
+    assert np.array_equal(dq(raw, t, 512), dequantize_rows(raw, t, 512))

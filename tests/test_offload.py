@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgellm.kernels_cpu import qmatmul_gguf as G
-from edgellm.kernels_cpu.qmatmul_ref import SPLIT_BLOCK, dequantize_rows, int8_error_bound, random_raw, split
+from edgellm.kernels_cpu import qmatmul as G
 from edgellm.loaders.gguf import GGUFFile
 from edgellm.offload import planner as P
 from edgellm.offload.stream import StreamingWeights
@@ -115,125 +114,6 @@ def test_model_sizes_of_a_real_file():
         assert max(u.nbytes for u in head) <= max(u.nbytes for u in layers)
 
 
-# ---- the GGUF-direct kernels ----------------------------------------------------------------------
-
-def _integer_recipe(raw, t, k, x):
-    """The GGUF-direct decode arithmetic in numpy, float32 step by step in the kernels' order:
-    int16 activations (per 256 for the K-quants, per 32 otherwise), exact integer block sums,
-    K-quants: c += xd * (d * sum_j sc_j dot_j - dmin * sum_j m_j xqsum_j) (Q4_K) or
-    c += (d * xd) * sum_j sc_j dot_j (Q6_K, dot over q - 32) per super-block; Q8_0/Q5_0:
-    c += d * (xd * dot) per block."""
-    from edgellm.kernels_cpu import qmatmul_ref as R
-    n, T = raw.shape[0], x.shape[0]
-    xq, xd, _ = G.quantize_x(x, G.X_BLOCK[t])
-    xq = xq.reshape(T, k).astype(np.int64)
-    f32 = np.float32
-    if t in (GGMLType.Q8_0, GGMLType.Q5_0):
-        q, scale, _, bs = split(raw, t, k)  # scale = d
-        dots = (q.reshape(1, n, k // 32, 32).astype(np.int64) * xq.reshape(T, 1, k // 32, 32)).sum(-1)
-        y = np.zeros((T, n), f32)
-        for b in range(k // 32):
-            y = y + scale[:, b][None, :] * (xd[:, b][:, None] * dots[:, :, b].astype(f32))
-        return y
-    blk = raw.reshape(n * (k // 256), -1)
-    if t == GGMLType.Q4_K:
-        q, _, _ = R._split_q4_k(blk)
-        sc, m = (a.astype(np.int64).reshape(n, k // 256, 8) for a in R._scale_min_k4(blk[:, 4:16]))
-        d, dmin = R._f16(blk, 0).reshape(n, -1), R._f16(blk, 2).reshape(n, -1)
-        dots = (q.reshape(1, n, k // 256, 8, 32).astype(np.int64) * xq.reshape(T, 1, k // 256, 8, 32)).sum(-1)
-        xqs = xq.reshape(T, 1, k // 256, 8, 32).sum(-1)
-        sumi, summ = (dots * sc).sum(-1), (xqs * m).sum(-1)  # (T, n, nsb)
-        y = np.zeros((T, n), f32)
-        for b in range(k // 256):
-            y = y + xd[:, b][:, None] * (d[:, b][None, :] * sumi[:, :, b].astype(f32)
-                                         - dmin[:, b][None, :] * summ[:, :, b].astype(f32))
-        return y
-    q, _, _ = R._split_q6_k(blk)  # q6 - 32
-    sc = blk[:, 192:208].view(np.int8).astype(np.int64).reshape(n, k // 256, 16)
-    d = R._f16(blk, 208).reshape(n, -1)
-    dots = (q.reshape(1, n, k // 256, 16, 16).astype(np.int64) * xq.reshape(T, 1, k // 256, 16, 16)).sum(-1)
-    sumi = (dots * sc).sum(-1)
-    y = np.zeros((T, n), f32)
-    for b in range(k // 256):
-        y = y + (d[:, b][None, :] * xd[:, b][:, None]) * sumi[:, :, b].astype(f32)
-    return y
-
-
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0])
-@pytest.mark.parametrize("n_tok", [1, 3, G.SMALL_T])
-def test_gguf_decode_is_the_integer_recipe_bit_for_bit(t, n_tok):
-    rng = np.random.default_rng(int(t) * 10 + n_tok)
-    raw = random_raw(t, 70, 512, rng)
-    x = rng.standard_normal((n_tok, 512)).astype(np.float32)
-    assert np.array_equal(G.matmul(raw, t, 512, x), _integer_recipe(raw, t, 512, x))
-
-
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.F16, GGMLType.F32])
-@pytest.mark.parametrize("n_tok", [1, 9, 40])
-def test_gguf_kernels_match_the_float64_reference(t, n_tok):
-    rng = np.random.default_rng(int(t) * 10 + n_tok)
-    n, k = 200, 512
-    raw = random_raw(t, n, k, rng)
-    ref = dequantize_rows(raw, t, k)
-    assert np.array_equal(G.dequantize_rows(raw, t, k), ref)
-    x = rng.standard_normal((n_tok, k)).astype(np.float32)
-    exact = x.astype(np.float64) @ ref.T.astype(np.float64)
-    bound = 1e-5 * (np.abs(x) @ np.abs(ref).T) + 1e-6
-    if n_tok <= G.SMALL_T and t in G.FUSED:  # int16 activations: 1/258 of int8's rounding error
-        bound = bound + int8_error_bound(ref, x, G.X_BLOCK[t]) * 127 / 32767
-    assert np.all(np.abs(G.matmul(raw, t, k, x) - exact) <= bound)
-
-
-def _close_to_numba_backend(y, ref, x, raw, t, k):
-    """Decode: within both products' int16 rounding of x and float32 sums; prefill: the same bits."""
-    if x.shape[0] > G.SMALL_T:
-        return np.array_equal(y, ref)
-    w = dequantize_rows(raw, t, k)
-    bound = (int8_error_bound(w, x, G.X_BLOCK[t]) + int8_error_bound(w, x, SPLIT_BLOCK[t])) * 127 / 32767
-    bound += 1e-5 * (np.abs(x) @ np.abs(w.astype(np.float64)).T) + 1e-6
-    return bool(np.all(np.abs(y.astype(np.float64) - ref) <= bound))
-
-
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0])
-def test_gguf_kernels_agree_with_the_numba_backend(t):
-    """The default backend's accuracy: int16 activations for decode (within rounding), its exact
-    bits for prefill, so a budget keeps the default's greedy tokens but at exact ties."""
-    from edgellm.kernels_cpu import linear
-    rng = np.random.default_rng(int(t))
-    raw = random_raw(t, 300, 1536, rng)
-    w = linear.pack(raw, t, 1536, backend="numba")
-    for n_tok in (1, 3, G.SMALL_T, G.SMALL_T + 1, 40):
-        x = rng.standard_normal((n_tok, 1536)).astype(np.float32)
-        assert _close_to_numba_backend(G.matmul(raw, t, 1536, x), linear.matmul(w, x), x, raw, t, 1536), n_tok
-
-
-def test_gguf_kernels_agree_with_the_numba_backend_on_real_weights():
-    from edgellm.kernels_cpu import linear
-    with GGUFFile(model_file("qwen2.5-coder-0.5b")) as f:
-        for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "blk.1.ffn_up.weight"):
-            t = f.info(name)
-            rows = np.array(f.rows(name))
-            w = linear.pack(rows, t.type, t.shape[0], backend="numba")
-            x = np.random.default_rng(1).standard_normal((12, t.shape[0])).astype(np.float32)
-            for xx in (x[:1], x):
-                y = G.matmul(rows, t.type, t.shape[0], xx)
-                assert _close_to_numba_backend(y, linear.matmul(w, xx), xx, rows, t.type, t.shape[0]), name
-
-
-@pytest.mark.parametrize("n_tok", [1, G.SMALL_T + 1])
-def test_row_chunks_give_the_same_bits_as_the_whole_matrix(n_tok):
-    """What makes a streamed output head (computed chunk by chunk) equal a resident one."""
-    rng = np.random.default_rng(7)
-    k = 640
-    tile = G.tile_rows(k)
-    raw = random_raw(GGMLType.Q8_0, 7 * tile + 100, k, rng)
-    x = rng.standard_normal((n_tok, k)).astype(np.float32)
-    whole = G.matmul(raw, GGMLType.Q8_0, k, x)
-    cuts = [0, tile, 5 * tile, raw.shape[0]]
-    parts = [G.matmul(raw[a:b], GGMLType.Q8_0, k, x) for a, b in zip(cuts, cuts[1:])]
-    assert np.array_equal(np.concatenate(parts, axis=1), whole)
-
-
 # ---- the streaming store --------------------------------------------------------------------------
 
 def test_streaming_store_hands_out_the_file_bytes():
@@ -333,12 +213,10 @@ def test_greedy_tokens_under_a_hard_limit_equal_the_unbudgeted_run():
     report = json.loads(limited.stderr.strip().splitlines()[-1])
     assert not report["oom_killed"], report
     assert limited.returncode == 0, limited.stderr[-2000:]
-    free = _run_json(common + ["--backend", "gguf"])
+    free = _run_json(common)
     assert free.returncode == 0, free.stderr[-2000:]
-    default = _run_json(common)
-    assert default.returncode == 0, default.stderr[-2000:]
     a, b = json.loads(limited.stdout), json.loads(free.stdout)
-    assert a["ids"] == b["ids"] == json.loads(default.stdout)["ids"]
+    assert a["ids"] == b["ids"]
     assert len(a["ids"]) == 16
     assert a["bytes_read"] > 16 * 200 * MB and a["io_wait_s"] >= 0 and a["compute_s"] > 0
     assert b["bytes_read"] == 0
