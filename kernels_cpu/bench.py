@@ -132,16 +132,16 @@ def models(rows: list[dict]) -> list[dict]:
     out = []
     rows = [r for r in rows if r["op"] != "dram"]
     index = {(r["rows"], r["cols"], r["type"], r["tokens"], r["threads"], r["backend"]): r["seconds"] for r in rows}
-    keys = {(r["tokens"], r["threads"], r["backend"]) for r in rows}
+    keys = {(r["tokens"], r["threads"], r["backend"]) for r in rows}  # (threads: a count here)
     for name, shapes in MODELS.items():
-        for tokens, threads, backend in sorted(keys):
-            secs = [index.get((n, k, t.name.lower(), tokens, threads, backend)) for n, k, t, _ in shapes[:-1]]
+        for tokens, n_thr, backend in sorted(keys):
+            secs = [index.get((n, k, t.name.lower(), tokens, n_thr, backend)) for n, k, t, _ in shapes[:-1]]
             n, k, t, _ = shapes[-1]
-            secs.append(index.get((n, k, t.name.lower(), 1, threads, backend)))
+            secs.append(index.get((n, k, t.name.lower(), 1, n_thr, backend)))
             if any(s is None for s in secs):
                 continue
             total = sum(s * c for s, (_, _, _, c) in zip(secs, shapes))
-            out.append({"op": "model", "model": name, "tokens": tokens, "threads": threads, "backend": backend,
+            out.append({"op": "model", "model": name, "tokens": tokens, "threads": n_thr, "backend": backend,
                         "matmul_seconds": total, "tokens_per_s": tokens / total})
     return out
 

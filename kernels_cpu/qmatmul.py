@@ -161,7 +161,7 @@ def _task(board, epoch):
             return
         w = item_w[i]
         raw = numba.carray(voidptr(desc[w, 0]), desc[w, 1], np.uint8)
-        code, rb, nb, col, n = desc[w, 2], desc[w, 3], desc[w, 4], desc[w, 5], desc[w, 6]
+        code, rb, nb, col = desc[w, 2], desc[w, 3], desc[w, 4], desc[w, 5]
         for r in range(item_r[0, i], item_r[1, i]):
             for t in range(t_n):
                 if code == Q4_K:

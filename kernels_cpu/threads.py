@@ -2,10 +2,11 @@
 
     configure(2)          # a fixed count (the calling thread is one of them)
     configure("auto")     # the default: at most the CPUs this process may use, adapted per call
-    run(kernel_call, n)   # kernel_call(counter) runs on every thread of the call
+    run_kernel(task, write_args, n, work, alone)   # task(board, epoch) runs on every thread of the call
+    run_python(job, n, work, task)                 # job(i) per item, for Python work (BLAS tiles)
 
-Work is a list of n items; a kernel takes them one at a time from `counter` (int64 [next, done],
-`take`/`finish` below, atomic), so a thread the OS preempts delays only the item it holds, not a
+Work is a list of n items; a kernel takes them one at a time from the board (`take`/`finish`
+below, atomic), so a thread the OS preempts delays only the item it holds, not a
 fixed share of the work. The workers sleep on queues between calls: nothing spins, so a busy
 neighbour on a shared core costs what it takes and no more. When the items run out, the caller
 returns as soon as all *taken* items are done: a worker that has not woken up yet is not waited

@@ -1,7 +1,6 @@
 """The two configurations: what the model file says (ModelConfig) and what the user chose (RuntimeConfig)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from edgellm.kernels_cpu import qmatmul as G
 from edgellm.loaders.gguf import GGUFFile
 from edgellm.offload import planner as P
 from edgellm.offload.stream import StreamingWeights
-from edgellm.quant.ggml_types import GGMLType
 
 from conftest import model_file
 
