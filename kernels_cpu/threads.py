@@ -242,11 +242,11 @@ class _Pool:
     def _work(self, i: int):
         board, seen = self.board, 0
         while True:
-            e, kind = idle_loop(board, i, seen, _SPINS, self.kernel_task)
+            seen, kind = idle_loop(board, i, seen, _SPINS, self.kernel_task)
             if kind == STOP:
                 return
             if kind == PYTHON:
-                seen = e
+                e = seen
                 task = self.task
                 if task is not None and task[0] == e and i < board[NWORK]:
                     task[1](board, e)

@@ -188,3 +188,36 @@ def test_prefill_tiles_dequantize_to_the_gguf_values(t):
     from edgellm.kernels_cpu.qmatmul_dq import dequantize_rows as dq
     raw = random_raw(t, 50, 512, np.random.default_rng(int(t)))
     assert np.array_equal(dq(raw, t, 512), dequantize_rows(raw, t, 512))
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    import os
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_idle_workers_sleep_and_burn_no_cpu():
+    """Between calls the pool's workers sleep: a worker that kept polling would take a core from
+    every other process (and from llama.cpp in `edgellm bench`)."""
+    import time
+    rng = np.random.default_rng(3)
+    w = qm.Weight(random_raw(T.Q4_K, 4096, 1536, rng), T.Q4_K, 1536)
+    x = rng.standard_normal((1, 1536)).astype(np.float32)
+    old = threads.max_count()
+    try:
+        threads.configure(2)
+        for _ in range(20):
+            qm.matmul(w, x)
+        pool = threads._state["pool"]
+        assert pool is not None
+        time.sleep(0.05)
+        ids = [t.native_id for t in pool.threads]
+        before = [_thread_cpu_seconds(i) for i in ids]
+        time.sleep(1.0)
+        after = [_thread_cpu_seconds(i) for i in ids]
+        assert max(a - b for a, b in zip(after, before)) < 0.1
+        assert np.array_equal(qm.matmul(w, x), qm.matmul(w, x))  # and they wake up for the next call
+    finally:
+        threads.configure(old)
