@@ -62,6 +62,7 @@ class Kernels:
     make_linear: Callable[[np.ndarray, GGMLType, int], Callable[[np.ndarray], np.ndarray]]
     make_group: Callable[[list], Callable[[np.ndarray], list]]
     describe: str
+    rest: Callable[[], None] = lambda: None  # after a forward pass: worker threads sleep now
 
 
 class _Fast:
@@ -77,7 +78,7 @@ class _Fast:
 
 
 def _numba_kernels(threads) -> Kernels:
-    from . import ops, qmatmul
+    from . import ops, qmatmul, threads as pool
 
     qmatmul.set_threads(threads)
 
@@ -90,7 +91,7 @@ def _numba_kernels(threads) -> Kernels:
             return qmatmul.Product([f.w for f in fns])
         return lambda x: [f(x) for f in fns]
 
-    return Kernels("numba", ops, make_linear, make_group, f"numba: {qmatmul.describe()}; ops: numba")
+    return Kernels("numba", ops, make_linear, make_group, f"numba: {qmatmul.describe()}; ops: numba", pool.rest)
 
 
 def _exact(raw, t, k):

@@ -8,21 +8,19 @@
 No packing and no copy: a resident weight is its file pages, a streamed one (offload/) is used the
 moment its bytes arrive, and both go through the same kernels.
 
-- T <= SMALL_T (decode, speculative verification): x is rounded to int8 per 32-element block
-  (llama.cpp's Q8_0 rounding; finer than its Q8_K for the K-quants) and every (row, token) is one
-  call of a `qmatmul_rows` intrinsic on the CPU's int8 dot-product instruction (`simd`). Rows are
-  split across threads in chunks taken from a shared counter; a row's result does not depend on
-  the chunking, the thread count, the tokens in the batch or the CPU path.
-- T > SMALL_T (prefill): tiles of `tile_rows(k)` rows are dequantized to float32 (the exact GGUF
-  values) and multiplied by BLAS: the exact float32 path, so prompt logits and perplexity are
-  those of `--backend numpy`.
+x is rounded per 32-element block to 15-bit integers carried as two int8 parts (`quantize_x`),
+and each row meets up to 8 tokens in one call of a `qmatmul_rows` intrinsic on the CPU's int8
+dot-product instruction (`simd`): the row's blocks are unpacked once for all of them. Rows are
+split across threads in items taken from a shared counter; a prompt (T > 8) runs each item's rows
+against every group of 8 tokens in turn while they stay in cache. A row's result does not depend
+on the chunking, the thread count, the tokens in the batch (decode, speculative verification and
+prefill give the same bits for a token) or the CPU path.
 
 Types: Q4_K, Q5_0, Q6_K, Q8_0 (what the shipped Q4_K_M models hold) run fast; F32, F16 and every
 other type are dequantized by the numpy reference (quant/) and multiplied by BLAS.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from types import FunctionType
 
@@ -37,8 +35,8 @@ from .threads import ARGS, finish, take, voidptr
 
 F32 = np.float32
 I32 = np.int32
-SMALL_T = 8  # token counts up to this use the int8 kernels; larger ones float tiles + BLAS
-_TILE_BYTES = 1 << 20  # float32 bytes of dequantized rows per BLAS call (about one L2)
+SMALL_T = 8  # tokens a row meets per kernel call (weights unpacked once for all of them)
+_TILE_BYTES = 1 << 20  # float32 bytes of dequantized rows: the offload planner's row alignment
 # bytes of weights per work item of a decode product: small items cost a 2-thread product on
 # qwen 1.5B's ffn_gate (8960x1536 Q4_K) half its speed (17.9 GB/s with 14 KB items, 41 with
 # 221 KB: each jump restarts the hardware prefetcher's stream), large ones leave a thread the OS
@@ -69,8 +67,8 @@ class Weight:
 
 
 def tile_rows(k: int) -> int:
-    """Rows per BLAS call on the prefill path (~1 MB of float32). Row chunks of a matrix that start
-    at multiples of it give bit-identical products (a streamed head equals a resident one)."""
+    """A row count of ~1 MB of float32 that offload/ aligns streamed chunks of the output head to
+    (any row chunks give bit-identical products; aligned ones keep the units even)."""
     return max(16, _TILE_BYTES // (4 * k) // 16 * 16)
 
 
@@ -136,10 +134,25 @@ def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
     board[_A_XD], board[_A_XD + 1] = xd.ctypes.data, xq.shape[1] // 2
     board[_A_XS] = xs.ctypes.data
     board[_A_X4] = x4n.ctypes.data
-    board[_A_OUT], board[_A_OUT + 1] = out.ctypes.data, out.shape[1]
+    board[_A_OUT], board[_A_OUT + 1] = out.ctypes.data, out.shape[0] // xq.shape[0]
     board[_A_DESC], board[_A_DESC + 1] = desc.ctypes.data, desc.shape[0]
     board[_A_IW], board[_A_IW + 1] = item_w.ctypes.data, item_w.shape[0]
     board[_A_IR] = item_r.ctypes.data  # (2, n_items): first and end row
+
+
+def _rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, c):
+    """Rows r0 .. r1 - 1 (of type `code`, rb bytes each) against tokens t0 .. t0 + c - 1 (c: 1, 2,
+    4 or 8, compiled as a constant: one copy per count); row r's results at out[ooff + r + ...]."""
+    numba.literally(c)
+    for r in range(r0, r1):
+        if code == Q4_K:
+            _row_q4_k(raw, r * rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff + r, ostride, c, ISA)
+        elif code == Q6_K:
+            _row_q6_k(raw, r * rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff + r, ostride, c, ISA)
+        elif code == Q8_0:
+            _row_q8_0(raw, r * rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff + r, ostride, c, ISA)
+        else:
+            _row_q5_0(raw, r * rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff + r, ostride, c, ISA)
 
 
 def _task(board, epoch):
@@ -150,38 +163,44 @@ def _task(board, epoch):
     xd1 = numba.carray(voidptr(board[_A_XD]), t_n * kp // 32, np.float32)
     xs1 = numba.carray(voidptr(board[_A_XS]), t_n * kp // 32, np.float32)
     x4n1 = numba.carray(voidptr(board[_A_X4]), t_n * kp // 4, np.int32)
-    out = numba.carray(voidptr(board[_A_OUT]), (t_n, n_out), np.float32)
+    out = numba.carray(voidptr(board[_A_OUT]), t_n * n_out, np.float32)
     desc = numba.carray(voidptr(board[_A_DESC]), (n_w, 8), np.int64)
     item_w = numba.carray(voidptr(board[_A_IW]), n_items, np.int64)
     item_r = numba.carray(voidptr(board[_A_IR]), (2, n_items), np.int64)
-    nbx = kp // 32
     while True:
         i = take(board, epoch)
         if i < 0:
             return
         w = item_w[i]
         raw = numba.carray(voidptr(desc[w, 0]), desc[w, 1], np.uint8)
-        code, rb, nb, col = desc[w, 2], desc[w, 3], desc[w, 4], desc[w, 5]
-        for r in range(item_r[0, i], item_r[1, i]):
-            for t in range(t_n):
-                if code == Q4_K:
-                    c = _row_q4_k(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
-                elif code == Q6_K:
-                    c = _row_q6_k(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
-                elif code == Q8_0:
-                    c = _row_q8_0(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
-                else:
-                    c = _row_q5_0(raw, r * rb, nb, xq1, 2 * t * kp, xd1, t * nbx, xs1, x4n1, ISA)
-                out[t, col + r] = c
+        code, rb, nb, col, n_w_rows = desc[w, 2], desc[w, 3], desc[w, 4], desc[w, 5], desc[w, 6]
+        t0 = 0
+        while t0 < t_n:  # tokens in groups of 8 (then 4, 2, 1): the item's rows stay in cache
+            left = t_n - t0
+            c = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+            r0, r1, o = item_r[0, i], item_r[1, i], t_n * col
+            if c == 8:
+                _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 8)
+            elif c == 4:
+                _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 4)
+            elif c == 2:
+                _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 2)
+            else:
+                _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 1)
+            t0 += c
         finish(board)
 
 
-def _compile(isa: int):
-    name = f"_task_{simd.NAMES[isa]}"
-    g = dict(_task.__globals__, ISA=isa)
-    f = FunctionType(_task.__code__, g, name, _task.__defaults__, _task.__closure__)
+def _copy(fn, g: dict, name: str):
+    f = FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)
     f.__qualname__ = name
     return njit(cache=True, nogil=True)(f)
+
+
+def _compile(isa: int):
+    g = dict(_task.__globals__, ISA=isa)
+    g["_rows"] = _copy(_rows, g, f"_rows_{simd.NAMES[isa]}")
+    return _copy(_task, g, f"_task_{simd.NAMES[isa]}")
 
 
 _KERNELS: dict[int, object] = {}
@@ -218,7 +237,8 @@ class _Plan:
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
         xq, xd, xs, x4n = quantize_x(x)
-        out = np.empty((x.shape[0], int(self.cols[-1])), F32)
+        t_n = x.shape[0]
+        out = np.empty(t_n * int(self.cols[-1]), F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
         task = kernel(isa)
         n = self.item_w.shape[0]
 
@@ -232,35 +252,16 @@ class _Plan:
             task(board, 1)
 
         threads.run_kernel(task, write, n, self.bytes * x.shape[0], alone)
-        return [out[:, a:b] for a, b in zip(self.cols[:-1], self.cols[1:])]
+        return [out[t_n * a:t_n * b].reshape(t_n, b - a) for a, b in zip(self.cols[:-1], self.cols[1:])]
 
 
-# ---- dequantization to float32 (prefill tiles, and every other type) ----------------------------
+# ---- dequantization to float32 (every other type) -----------------------------------------------
 
 def dequantize_rows(w: Weight, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Rows [r0, r1) of w -> float32 (r1 - r0, K), the GGUF values."""
     from .qmatmul_dq import dequantize_rows as dq
 
     return dq(w.raw, w.ggml_type, w.k, r0, r1, out)
-
-
-def _prefill(w: Weight, x: np.ndarray) -> np.ndarray:
-    tile = tile_rows(w.k)
-    n = w.n
-    out = np.empty((x.shape[0], n), F32)
-
-    local = threading.local()
-
-    def work(i):
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = np.empty((tile, w.k), F32)
-        r0 = i * tile
-        r1 = min(n, r0 + tile)
-        np.matmul(x, dequantize_rows(w, r0, r1, buf).T, out=out[:, r0:r1])
-
-    threads.run_python(work, -(-n // tile), w.raw.size * x.shape[0], kernel())
-    return out
 
 
 # ---- the public functions -----------------------------------------------------------------------
@@ -281,8 +282,8 @@ class Product:
         x = np.ascontiguousarray(x, dtype=F32)
         if x.ndim != 2 or x.shape[1] != self.k:
             raise ValueError(f"matmul: x has shape {x.shape}, expected (T, {self.k})")
-        if self.plan is None or x.shape[0] > SMALL_T:
-            return [_prefill(w, x) if w.fast else x @ dequantize_rows(w).T for w in self.ws]
+        if self.plan is None:
+            return [x @ dequantize_rows(w).T for w in self.ws]
         got = iter(self.plan(x, isa))
         return [next(got) if w.fast and self.plan is not None else x @ dequantize_rows(w).T for w in self.ws]
 
@@ -293,12 +294,12 @@ def matmul(w: Weight, x: np.ndarray, isa: int | None = None) -> np.ndarray:
 
 
 def describe() -> str:
-    return (f"int8 activations on {simd.NAMES[simd.chosen()]} for T<={SMALL_T}, float32 tiles + BLAS above; "
+    return (f"15-bit activations as two int8 parts on {simd.NAMES[simd.chosen()]}, up to {SMALL_T} tokens per row pass; "
             f"straight from GGUF blocks; threads {threads.describe()}")
 
 
 def set_threads(n: int | str) -> None:
-    """A fixed count or 'auto' (threads.configure); BLAS runs one thread inside each prefill tile."""
+    """A fixed count or 'auto' (threads.configure); BLAS (other types) runs on one thread."""
     threads.configure(n)
     threads.set_blas_threads(1)
 

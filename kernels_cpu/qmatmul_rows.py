@@ -1,7 +1,8 @@
-"""One GGUF row times one int8 activation row, per weight type, as numba intrinsics in LLVM IR.
+"""One GGUF row times up to 8 activation rows, per weight type, as numba intrinsics in LLVM IR.
 
-Each intrinsic reads a row straight from its GGUF block bytes (no packing, no copy) and returns
-the float32 dot product with x, where x is given as (see `qmatmul.quantize_x`):
+Each intrinsic reads a row straight from its GGUF block bytes (no packing, no copy), unpacks each
+block once, and writes the float32 dot product with each of ntok tokens of x, where x is given
+per token as (see `qmatmul.quantize_x`):
 
     xq  int8 (2 Kp,)    x rounded per 32-element block to a 15-bit integer v = 128 hi + lo,
                         x ~ xd[b] * v (|hi| <= 127, |lo| <= 64), as two int8 parts, interleaved
@@ -17,8 +18,8 @@ Per 64 weights: one unsigned 64-byte vector of quants against both parts of x th
 `simd.dp4x2` (two vpdpbusd on VNNI CPUs), 16 int32 lanes of 4-element sums (exact), converted to float
 and multiplied lane by lane by the (weight scale x activation scale) of the block each lane
 belongs to, accumulated in 16 float lanes; one fixed-order horizontal sum per row. The result is
-a function of the row and x alone: no dependence on threads, on the rows or tokens sharing the
-call, or on the CPU path (all paths compute the same integers; the float work is identical).
+a function of the row and the token's x alone: no dependence on threads, on the rows or tokens
+sharing the call, or on the CPU path (all paths compute the same integers; the float work is identical).
 
 Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12 packed 6-bit scales/mins, 128 nibbles (4
 chunks of 64 elements, low nibbles first); Q6_K 210 = 128 low nibbles, 64 bytes of 2-bit highs,
@@ -35,40 +36,51 @@ from .simd import F32, V8F, V16F, concat, const_vec, dp4x2, f16_to_f32, hsum, lo
 
 I64 = ir.IntType(64)
 I8P = ir.IntType(8).as_pointer()
+F32P = F32.as_pointer()
+V2F = ir.VectorType(F32, 2)
 
 
 def _i64(n):
     return ir.Constant(I64, n)
 
 
-def _ptrs(context, builder, sig, args):
-    """Base pointers of the intrinsic's array arguments: raw (i8*), xq (i8*), xd, xs (f32*), x4n (i8*)."""
-    def data(i, ty):
-        a = context.make_array(sig.args[i])(context, builder, args[i])
-        return builder.bitcast(a.data, ty)
-    return data(0, I8P), data(3, I8P), data(5, F32.as_pointer()), data(7, F32.as_pointer()), data(8, I8P)
-
-
 def _row_intrinsic(body):
-    """Wrap body(builder, isa, p) -> float into an intrinsic with the common signature
-    (raw, roff, nb, xq, xoff, xd, doff, xs, x4n, isa): row bytes from raw[roff], nb blocks,
-    x from xq[xoff] (xoff = 2 * t * Kp for token t), its scales and sums from xd[doff],
-    xs[doff], x4n[xoff // 8]."""
+    """Wrap body(builder, isa, p, xs) -> [float per token] into an intrinsic with the common
+    signature (raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa): the row's
+    bytes from raw[roff], nb blocks, against tokens t0 .. t0 + ntok - 1 of x (K padded to kp);
+    token t's result goes to out[t * ostride + ooff]. ntok (1 to 8) and isa are literals: one copy
+    per (ntok, path). The weights of each block are unpacked once for all ntok tokens, and every
+    token's arithmetic is the same as alone: results do not depend on ntok."""
 
-    def impl(typingctx, raw, roff, nb, xq, xoff, xd, doff, xs, x4n, isa):
-        if not isinstance(isa, types.IntegerLiteral):
+    def impl(typingctx, raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa):
+        if not isinstance(isa, types.IntegerLiteral) or not isinstance(ntok, types.IntegerLiteral):
             return None
-        path = isa.literal_value
+        path, n_tok = isa.literal_value, ntok.literal_value
+        sig = types.void(raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa)
 
         def codegen(context, builder, sig, args):
-            rawp, xqp, xdp, xsp, x4p = _ptrs(context, builder, sig, args)
-            roff_, nb_, xoff_, doff_ = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6))
-            p = dict(raw=builder.gep(rawp, [roff_]), xq=builder.gep(xqp, [xoff_]), xd=builder.gep(xdp, [doff_]),
-                     xs=builder.gep(xsp, [doff_]), x4n=builder.gep(x4p, [builder.sdiv(xoff_, _i64(2))]),
-                     nb=nb_)
-            return body(builder, path, p)
+            def data(i, ty):
+                a = context.make_array(sig.args[i])(context, builder, args[i])
+                return builder.bitcast(a.data, ty)
 
-        return types.float32(raw, roff, nb, xq, xoff, xd, doff, xs, x4n, isa), codegen
+            def i64(i):
+                return context.cast(builder, args[i], sig.args[i], types.int64)
+            rawp, xqp, xdp, xsp, x4p = data(0, I8P), data(3, I8P), data(4, F32P), data(5, F32P), data(6, I8P)
+            outp = data(9, F32P)
+            roff_, nb_, t0_, kp_, ooff_, ostride_ = (i64(i) for i in (1, 2, 7, 8, 10, 11))
+            toks = []
+            for c in range(n_tok):
+                t = builder.add(t0_, _i64(c))
+                tk = builder.mul(t, kp_)  # t * Kp: x4n's byte offset; twice it is xq's
+                nbx = builder.mul(t, builder.sdiv(kp_, _i64(32)))
+                toks.append(dict(xq=builder.gep(xqp, [builder.mul(tk, _i64(2))]), xd=builder.gep(xdp, [nbx]),
+                                 xs=builder.gep(xsp, [nbx]), x4n=builder.gep(x4p, [tk]), t=t))
+            p = dict(raw=builder.gep(rawp, [roff_]), nb=nb_)
+            for tok, v in zip(toks, body(builder, path, p, toks)):
+                builder.store(v, builder.gep(outp, [builder.add(builder.mul(tok["t"], ostride_), ooff_)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     impl.__name__ = body.__name__.lstrip("_")
     return intrinsic(impl)
@@ -82,18 +94,18 @@ def _add_to(builder, slot, v):
     builder.store(builder.fadd(builder.load(slot), v), slot)
 
 
-def _x4(builder, p, elem):
+def _x4(builder, x, elem):
     """<16 x i32> of x4n for the 64 activations starting at element `elem` (i64) of this row
-    (int32 number elem / 4, at byte elem)."""
-    return load_vec(builder, p["x4n"], elem, vec(32, 16))
+    (int32 number elem / 4, at byte elem) of token x."""
+    return load_vec(builder, x["x4n"], elem, vec(32, 16))
 
 
-def _xv(builder, p, elem):
-    """The two int8 parts (hi, lo) of the 64 activations from element `elem` (i64): stored
+def _xv(builder, x, elem):
+    """The two int8 parts (hi, lo) of token x's 64 activations from element `elem` (i64): stored
     interleaved per 64 elements, hi at byte 2 * elem, lo 64 bytes after it."""
     at = builder.mul(elem, _i64(2))
-    return (load_vec(builder, p["xq"], at, vec(8, 64)),
-            load_vec(builder, p["xq"], builder.add(at, _i64(64)), vec(8, 64)))
+    return (load_vec(builder, x["xq"], at, vec(8, 64)),
+            load_vec(builder, x["xq"], builder.add(at, _i64(64)), vec(8, 64)))
 
 
 def _lanes(builder, s, idx):
@@ -105,8 +117,10 @@ ZERO16 = const_vec(32, [0] * 16)
 
 
 @_row_intrinsic
-def _row_q4_k(builder, isa, p):
-    raw, acc, macc = p["raw"], _acc(builder, V16F), _acc(builder, V8F)
+def _row_q4_k(builder, isa, p, toks):
+    raw = p["raw"]
+    acc = [_acc(builder, V16F) for _ in toks]
+    macc = [_acc(builder, V8F) for _ in toks]
     low4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
     with cgutils.for_range(builder, p["nb"]) as loop:
         b = loop.index
@@ -124,22 +138,26 @@ def _row_q4_k(builder, isa, p):
         mn = builder.select(low4, builder.and_(mid, c8(63)),
                             builder.or_(builder.lshr(a, c8(4)), builder.shl(builder.lshr(mid, c8(6)), c8(4))))
         o8 = builder.mul(b, _i64(8))
-        dx = load_vec(builder, p["xd"], o8, V8F)
-        xs = load_vec(builder, p["xs"], o8, V8F)
-        s8 = builder.fmul(builder.fmul(builder.uitofp(sc, V8F), splat(builder, d, 8)), dx)  # (d * sc_j) * dx_j
-        _add_to(builder, macc, builder.fmul(builder.fmul(builder.uitofp(mn, V8F), splat(builder, dmin, 8)), xs))
+        dsc = builder.fmul(builder.uitofp(sc, V8F), splat(builder, d, 8))
+        dmn = builder.fmul(builder.uitofp(mn, V8F), splat(builder, dmin, 8))
+        s8 = []
+        for x, ma in zip(toks, macc):
+            s8.append(builder.fmul(dsc, load_vec(builder, x["xd"], o8, V8F)))  # (d * sc_j) * dx_j
+            _add_to(builder, ma, builder.fmul(dmn, load_vec(builder, x["xs"], o8, V8F)))
         for j in range(4):
             q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
             w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
-            xv = _xv(builder, p, builder.add(builder.mul(b, _i64(256)), _i64(64 * j)))
-            f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xv), V16F)
-            _add_to(builder, acc, builder.fmul(f, _lanes(builder, s8, [2 * j] * 8 + [2 * j + 1] * 8)))
-    return builder.fsub(hsum(builder, builder.load(acc)), hsum(builder, builder.load(macc)))
+            elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
+            for x, ac, s in zip(toks, acc, s8):
+                f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, _xv(builder, x, elem)), V16F)
+                _add_to(builder, ac, builder.fmul(f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8)))
+    return [builder.fsub(hsum(builder, builder.load(ac)), hsum(builder, builder.load(ma))) for ac, ma in zip(acc, macc)]
 
 
 @_row_intrinsic
-def _row_q6_k(builder, isa, p):
-    raw, acc = p["raw"], _acc(builder, V16F)
+def _row_q6_k(builder, isa, p, toks):
+    raw = p["raw"]
+    acc = [_acc(builder, V16F) for _ in toks]
 
     def c32(n):
         return const_vec(8, [n] * 32)
@@ -147,10 +165,12 @@ def _row_q6_k(builder, isa, p):
         b = loop.index
         blk = builder.gep(raw, [builder.mul(b, _i64(210))])
         d = f16_to_f32(builder, blk, _i64(208))
-        sc = builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F)
-        dx = load_vec(builder, p["xd"], builder.mul(b, _i64(8)), V8F)
-        dx16 = shuffle(builder, dx, dx, [i // 2 for i in range(16)])  # 16-element sub-block i in 32-block i // 2
-        s16 = builder.fmul(builder.fmul(sc, splat(builder, d, 16)), dx16)
+        dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
+        s16 = []
+        for x in toks:
+            dx = load_vec(builder, x["xd"], builder.mul(b, _i64(8)), V8F)
+            dx16 = shuffle(builder, dx, dx, [i // 2 for i in range(16)])  # 16-element sub-block i in 32-block i // 2
+            s16.append(builder.fmul(dsc, dx16))
         for h in range(2):
             l0 = load_vec(builder, blk, _i64(64 * h), vec(8, 32))
             l1 = load_vec(builder, blk, _i64(64 * h + 32), vec(8, 32))
@@ -162,17 +182,20 @@ def _row_q6_k(builder, isa, p):
             for g in range(2):
                 grp = 2 * h + g  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
                 elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
-                init = builder.shl(_x4(builder, p, elem), const_vec(32, [5] * 16))  # -32 * sum(x)
-                f = builder.sitofp(dp4x2(builder, isa, init, concat(builder, e[2 * g], e[2 * g + 1]), _xv(builder, p, elem)), V16F)
-                _add_to(builder, acc, builder.fmul(f, _lanes(builder, s16, [4 * grp + i // 4 for i in range(16)])))
-    return hsum(builder, builder.load(acc))
+                w = concat(builder, e[2 * g], e[2 * g + 1])
+                for x, ac, s in zip(toks, acc, s16):
+                    init = builder.shl(_x4(builder, x, elem), const_vec(32, [5] * 16))  # -32 * sum(x)
+                    f = builder.sitofp(dp4x2(builder, isa, init, w, _xv(builder, x, elem)), V16F)
+                    _add_to(builder, ac, builder.fmul(f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)])))
+    return [hsum(builder, builder.load(ac)) for ac in acc]
 
 
-def _pairs(builder, isa, p, bytes_per_block, weights, signed_shift):
+def _pairs(builder, isa, p, toks, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
     weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
     signed_shift: the offset's log2 for unsigned quants (q - 2^shift)."""
-    raw, acc, nb = p["raw"], _acc(builder, V16F), p["nb"]
+    raw, nb = p["raw"], p["nb"]
+    acc = [_acc(builder, V16F) for _ in toks]
 
     def pair(i, lone):
         b0 = builder.mul(i, _i64(2))
@@ -180,39 +203,42 @@ def _pairs(builder, isa, p, bytes_per_block, weights, signed_shift):
         blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
         w0 = weights(blk0)
         w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
+        w = concat(builder, w0, w1)
+        d0 = f16_to_f32(builder, blk0, _i64(0))
+        d1 = ir.Constant(F32, 0.0) if lone else f16_to_f32(builder, blk1, _i64(0))
+        dw = builder.insert_element(builder.insert_element(ir.Constant(V2F, None), d0, ir.Constant(simd.I32, 0)),
+                                    d1, ir.Constant(simd.I32, 1))
         elem = builder.mul(b0, _i64(32))
-        xv = _xv(builder, p, elem)
-        x4 = _x4(builder, p, elem)
-        if signed_shift is None:
-            dots = dp4x2(builder, isa, ZERO16, concat(builder, w0, w1), xv, signed=True, x4n=x4)
-        else:
-            dots = dp4x2(builder, isa, builder.shl(x4, const_vec(32, [signed_shift] * 16)), concat(builder, w0, w1), xv)
-        s0 = builder.fmul(f16_to_f32(builder, blk0, _i64(0)), builder.load(builder.gep(p["xd"], [b0])))
-        s1 = (ir.Constant(F32, 0.0) if lone else
-              builder.fmul(f16_to_f32(builder, blk1, _i64(0)), builder.load(builder.gep(p["xd"], [builder.add(b0, _i64(1))]))))
-        s = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(F32, 2), None), s0, ir.Constant(simd.I32, 0)),
-                                   s1, ir.Constant(simd.I32, 1))
-        _add_to(builder, acc, builder.fmul(builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8)))
+        for x, ac in zip(toks, acc):
+            xv = _xv(builder, x, elem)
+            x4 = _x4(builder, x, elem)
+            if signed_shift is None:
+                dots = dp4x2(builder, isa, ZERO16, w, xv, signed=True, x4n=x4)
+            else:
+                dots = dp4x2(builder, isa, builder.shl(x4, const_vec(32, [signed_shift] * 16)), w, xv)
+            # (d0 dx0, d1 dx1); a lone block's dx1 is the zero padding, and 0 * 0 = 0 as before
+            s = builder.fmul(dw, load_vec(builder, builder.bitcast(x["xd"], I8P), builder.mul(b0, _i64(4)), V2F))
+            _add_to(builder, ac, builder.fmul(builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8)))
 
     with cgutils.for_range(builder, builder.sdiv(nb, _i64(2))) as loop:
         pair(loop.index, False)
     odd = builder.icmp_signed("!=", builder.srem(nb, _i64(2)), _i64(0))
     with builder.if_then(odd, likely=False):
         pair(builder.sdiv(nb, _i64(2)), True)
-    return hsum(builder, builder.load(acc))
+    return [hsum(builder, builder.load(ac)) for ac in acc]
 
 
 @_row_intrinsic
-def _row_q8_0(builder, isa, p):
-    return _pairs(builder, isa, p, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
+def _row_q8_0(builder, isa, p, toks):
+    return _pairs(builder, isa, p, toks, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
 
 
 @_row_intrinsic
-def _row_q5_0(builder, isa, p):
+def _row_q5_0(builder, isa, p, toks):
     def weights(blk):
         qs = load_vec(builder, blk, _i64(6), vec(8, 16))
         e = concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
         qh = builder.load(builder.bitcast(builder.gep(blk, [_i64(2)]), ir.IntType(32).as_pointer()), align=1)
         fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), vec(8, 32))  # bit i: element i
         return builder.or_(e, builder.shl(fifth, const_vec(8, [4] * 32)))
-    return _pairs(builder, isa, p, 22, weights, 4)
+    return _pairs(builder, isa, p, toks, 22, weights, 4)

@@ -7,8 +7,9 @@
 
 Work is a list of n items; a kernel takes them one at a time from the board (`take`/`finish`
 below, atomic), so a thread the OS preempts delays only the item it holds, not a
-fixed share of the work. The workers sleep on queues between calls: nothing spins, so a busy
-neighbour on a shared core costs what it takes and no more. When the items run out, the caller
+fixed share of the work. Between calls a worker polls briefly (the gaps between the products of
+one forward pass), then sleeps on its queue; `rest()` at the end of a pass sends it to sleep at
+once, so an idle engine takes no CPU from its neighbours. When the items run out, the caller
 returns as soon as all *taken* items are done: a worker that has not woken up yet is not waited
 for.
 
@@ -33,7 +34,7 @@ from numba.extending import intrinsic
 _EXPLORE = 16  # every this many large calls, try another thread count
 _ALPHA = 0.15  # weight of a new measurement in the averages
 _MIN_WORK = 1 << 18  # calls with less work (bytes x tokens) are not measured nor parallelised
-_SPINS = 20000  # pause instructions a worker polls for the next task before it sleeps (~50 us)
+_SPIN_SECONDS = 500e-6  # how long a worker polls for the next task before it sleeps (rest() ends it)
 
 
 @intrinsic
@@ -76,7 +77,7 @@ EPOCH, NEXT, DONE, NITEMS, KIND, NWORK, TEPOCH = 0, 1, 2, 3, 4, 5, 6
 SLEEP = 8  # SLEEP + i: worker i sleeps on its queue
 ARGS = 32  # a task's arguments (addresses and sizes), written by its publisher
 BOARD = 64
-KERNEL, PYTHON, STOP = 0, 1, 2
+KERNEL, PYTHON, STOP, REST = 0, 1, 2, 3
 
 
 @njit(cache=True, nogil=True)
@@ -206,9 +207,20 @@ def idle_loop(board, i, seen, spins, kernel_task):
             kernel_task(board, e)
 
 
+def _spins_for(seconds: float) -> int:
+    """Polls of an unchanging board that take about `seconds` (a pause costs ~10 cycles on some
+    CPUs and ~100 on others: counted, not assumed)."""
+    board = np.zeros(BOARD, np.int64)
+    _await_epoch(board, 0, 16)  # compiled (the board stays 0: every poll runs)
+    t = time.perf_counter()
+    _await_epoch(board, 0, 2000)
+    per = max(time.perf_counter() - t, 1e-7) / 2000
+    return max(64, min(200_000, int(seconds / per)))
+
+
 class _Pool:
     """Worker threads for run(). A task is announced by writing its arguments to the board and
-    bumping the epoch; a worker polls the epoch for up to _SPINS pause instructions (~50 us: the
+    bumping the epoch; a worker polls the epoch for `spins` pause instructions (_SPIN_SECONDS: the
     gap between two products of one forward pass) inside numba, where kernel tasks run with no
     GIL hand-over, and then sleeps on its queue, flagging board[SLEEP + i] so the next poster
     wakes it. Between forward passes the workers sleep."""
@@ -221,6 +233,7 @@ class _Pool:
         self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True, name=f"edgellm-kernel-{i}")
                         for i in range(n)]
         self.epoch = 0
+        self.spins = _spins_for(_SPIN_SECONDS)
         for t in self.threads:
             t.start()
 
@@ -242,7 +255,7 @@ class _Pool:
     def _work(self, i: int):
         board, seen = self.board, 0
         while True:
-            seen, kind = idle_loop(board, i, seen, _SPINS, self.kernel_task)
+            seen, kind = idle_loop(board, i, seen, self.spins, self.kernel_task)
             if kind == STOP:
                 return
             if kind == PYTHON:
@@ -251,7 +264,8 @@ class _Pool:
                 if task is not None and task[0] == e and i < board[NWORK]:
                     task[1](board, e)
                 continue
-            atomic_add(board, SLEEP + i, 1)  # nothing new for a while: sleep until woken
+            # REST, or nothing new for a while: sleep until woken
+            atomic_add(board, SLEEP + i, 1)
             if atomic_add(board, EPOCH, 0) == seen:
                 self.queues[i].get()
             else:
@@ -260,10 +274,14 @@ class _Pool:
     def wait(self, n_items: int) -> None:
         """Until every item of the current task is done: poll briefly (an item a worker holds
         takes microseconds), then sleep in steps (a worker the OS preempted)."""
-        if _wait_done(self.board, n_items, _SPINS):
+        if _wait_done(self.board, n_items, self.spins):
             return
         while not _wait_done(self.board, n_items, 0):
             time.sleep(20e-6)
+
+    def rest(self):
+        """Workers stop polling and sleep now (the caller has no task for a while)."""
+        self.post(REST, 0, 0)
 
     def close(self):
         self.post(STOP, 0, len(self.queues))
@@ -332,6 +350,14 @@ def workers(kernel_task, n_workers: int) -> _Pool:
             p.close()
         p = _state["pool"] = _Pool(n_workers, kernel_task)
     return p
+
+
+def rest() -> None:
+    """The end of a burst of calls (a forward pass): idle workers sleep now rather than poll for
+    _SPIN_SECONDS, so they take no CPU from the caller's next work or from other processes."""
+    p = _state["pool"]
+    if p is not None:
+        p.rest()
 
 
 def run_kernel(kernel_task, write_args, n_items: int, work: int, alone) -> None:

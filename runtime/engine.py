@@ -100,7 +100,7 @@ class Engine:
             if self.plan is not None:
                 rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
             kern = select_kernels(rcfg.backend, rcfg.threads)
-            self.ops, self.backend = kern.ops, kern.describe
+            self.ops, self.backend, self._rest = kern.ops, kern.describe, kern.rest
             if rcfg.cluster:  # tensor parallel over the LAN: runtime/cluster shards the model from outside
                 from .cluster import ClusterModel
 
@@ -196,7 +196,10 @@ class Engine:
         tel = getattr(self.weights, "telemetry", None)
         before = None if tel is None else dict(tel)
         t0 = time.perf_counter()
-        logits = self.model.forward(ids, start, all_logits=all_logits)
+        try:
+            logits = self.model.forward(ids, start, all_logits=all_logits)
+        finally:
+            self._rest()  # kernel threads sleep until the next pass: an idle engine takes no CPU
         wall = time.perf_counter() - t0
         st = self.stats
         if tel is None:
