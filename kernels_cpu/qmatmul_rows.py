@@ -45,18 +45,19 @@ def _i64(n):
 
 
 def _row_intrinsic(body):
-    """Wrap body(builder, isa, p, xs) -> [float per token] into an intrinsic with the common
-    signature (raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa): the row's
-    bytes from raw[roff], nb blocks, against tokens t0 .. t0 + ntok - 1 of x (K padded to kp);
-    token t's result goes to out[t * ostride + ooff]. ntok (1 to 8) and isa are literals: one copy
-    per (ntok, path). The weights of each block are unpacked once for all ntok tokens, and every
-    token's arithmetic is the same as alone: results do not depend on ntok."""
+    """Wrap body(builder, isa, rows, toks) -> [[float per token] per row] into an intrinsic with
+    the common signature (raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow,
+    ntok, isa): nrow consecutive rows of rb bytes from raw[roff], nb blocks each, against tokens
+    t0 .. t0 + ntok - 1 of x (K padded to kp); row i's result for token t goes to
+    out[t * ostride + ooff + i]. nrow, ntok and isa are literals: one copy each. A block's weights
+    are unpacked once for all tokens and a token's activations loaded once for all rows; every
+    (row, token) does the arithmetic it does alone: results do not depend on nrow or ntok."""
 
-    def impl(typingctx, raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa):
-        if not isinstance(isa, types.IntegerLiteral) or not isinstance(ntok, types.IntegerLiteral):
+    def impl(typingctx, raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow, ntok, isa):
+        if not all(isinstance(a, types.IntegerLiteral) for a in (nrow, ntok, isa)):
             return None
-        path, n_tok = isa.literal_value, ntok.literal_value
-        sig = types.void(raw, roff, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, ntok, isa)
+        path, n_row, n_tok = isa.literal_value, nrow.literal_value, ntok.literal_value
+        sig = types.void(raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow, ntok, isa)
 
         def codegen(context, builder, sig, args):
             def data(i, ty):
@@ -65,9 +66,9 @@ def _row_intrinsic(body):
 
             def i64(i):
                 return context.cast(builder, args[i], sig.args[i], types.int64)
-            rawp, xqp, xdp, xsp, x4p = data(0, I8P), data(3, I8P), data(4, F32P), data(5, F32P), data(6, I8P)
-            outp = data(9, F32P)
-            roff_, nb_, t0_, kp_, ooff_, ostride_ = (i64(i) for i in (1, 2, 7, 8, 10, 11))
+            rawp, xqp, xdp, xsp, x4p = data(0, I8P), data(4, I8P), data(5, F32P), data(6, F32P), data(7, I8P)
+            outp = data(10, F32P)
+            roff_, rb_, nb_, t0_, kp_, ooff_, ostride_ = (i64(i) for i in (1, 2, 3, 8, 9, 11, 12))
             toks = []
             for c in range(n_tok):
                 t = builder.add(t0_, _i64(c))
@@ -75,9 +76,11 @@ def _row_intrinsic(body):
                 nbx = builder.mul(t, builder.sdiv(kp_, _i64(32)))
                 toks.append(dict(xq=builder.gep(xqp, [builder.mul(tk, _i64(2))]), xd=builder.gep(xdp, [nbx]),
                                  xs=builder.gep(xsp, [nbx]), x4n=builder.gep(x4p, [tk]), t=t))
-            p = dict(raw=builder.gep(rawp, [roff_]), nb=nb_)
-            for tok, v in zip(toks, body(builder, path, p, toks)):
-                builder.store(v, builder.gep(outp, [builder.add(builder.mul(tok["t"], ostride_), ooff_)]))
+            rows = [builder.gep(rawp, [builder.add(roff_, builder.mul(rb_, _i64(i)))]) for i in range(n_row)]
+            for i, vals in enumerate(body(builder, path, rows, nb_, toks)):
+                for tok, v in zip(toks, vals):
+                    at = builder.add(builder.mul(tok["t"], ostride_), builder.add(ooff_, _i64(i)))
+                    builder.store(v, builder.gep(outp, [at]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -92,6 +95,13 @@ def _acc(builder, ty):
 
 def _add_to(builder, slot, v):
     builder.store(builder.fadd(builder.load(slot), v), slot)
+
+
+def _fma_to(builder, slot, a, b):
+    """slot += a * b, fused (one rounding) where the CPU has FMA: llvm.fmuladd is the same
+    instruction in every copy compiled for this CPU, so all paths still agree bit for bit."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16F, [V16F] * 3), "llvm.fmuladd.v16f32")
+    builder.store(builder.call(f, [a, b, builder.load(slot)]), slot)
 
 
 def _x4(builder, x, elem):
@@ -117,128 +127,141 @@ ZERO16 = const_vec(32, [0] * 16)
 
 
 @_row_intrinsic
-def _row_q4_k(builder, isa, p, toks):
-    raw = p["raw"]
-    acc = [_acc(builder, V16F) for _ in toks]
-    macc = [_acc(builder, V8F) for _ in toks]
+def _row_q4_k(builder, isa, rows, nb, toks):
+    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    macc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
     low4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
-    with cgutils.for_range(builder, p["nb"]) as loop:
-        b = loop.index
-        blk = builder.gep(raw, [builder.mul(b, _i64(144))])
-        d, dmin = f16_to_f32(builder, blk, _i64(0)), f16_to_f32(builder, blk, _i64(2))
-        v = load_vec(builder, blk, _i64(4), vec(8, 16))  # the 12 scale bytes (and 4 of the quants)
-        a = shuffle(builder, v, v, [0, 1, 2, 3, 8, 9, 10, 11])
-        lo = shuffle(builder, v, v, [0, 1, 2, 3, 0, 1, 2, 3])
-        mid = shuffle(builder, v, v, [4, 5, 6, 7, 4, 5, 6, 7])
 
-        def c8(n):
-            return const_vec(8, [n] * 8)
-        sc = builder.select(low4, builder.and_(a, c8(63)),
-                            builder.or_(builder.and_(a, c8(15)), builder.shl(builder.lshr(lo, c8(6)), c8(4))))
-        mn = builder.select(low4, builder.and_(mid, c8(63)),
-                            builder.or_(builder.lshr(a, c8(4)), builder.shl(builder.lshr(mid, c8(6)), c8(4))))
+    def c8(n):
+        return const_vec(8, [n] * 8)
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
         o8 = builder.mul(b, _i64(8))
-        dsc = builder.fmul(builder.uitofp(sc, V8F), splat(builder, d, 8))
-        dmn = builder.fmul(builder.uitofp(mn, V8F), splat(builder, dmin, 8))
-        s8 = []
-        for x, ma in zip(toks, macc):
-            s8.append(builder.fmul(dsc, load_vec(builder, x["xd"], o8, V8F)))  # (d * sc_j) * dx_j
-            _add_to(builder, ma, builder.fmul(dmn, load_vec(builder, x["xs"], o8, V8F)))
+        dx = [load_vec(builder, x["xd"], o8, V8F) for x in toks]
+        xs = [load_vec(builder, x["xs"], o8, V8F) for x in toks]
+        blks, s8 = [], []
+        for row, mr in zip(rows, macc):
+            blk = builder.gep(row, [builder.mul(b, _i64(144))])
+            d, dmin = f16_to_f32(builder, blk, _i64(0)), f16_to_f32(builder, blk, _i64(2))
+            v = load_vec(builder, blk, _i64(4), vec(8, 16))  # the 12 scale bytes (and 4 of the quants)
+            a = shuffle(builder, v, v, [0, 1, 2, 3, 8, 9, 10, 11])
+            lo = shuffle(builder, v, v, [0, 1, 2, 3, 0, 1, 2, 3])
+            mid = shuffle(builder, v, v, [4, 5, 6, 7, 4, 5, 6, 7])
+            sc = builder.select(low4, builder.and_(a, c8(63)),
+                                builder.or_(builder.and_(a, c8(15)), builder.shl(builder.lshr(lo, c8(6)), c8(4))))
+            mn = builder.select(low4, builder.and_(mid, c8(63)),
+                                builder.or_(builder.lshr(a, c8(4)), builder.shl(builder.lshr(mid, c8(6)), c8(4))))
+            dsc = builder.fmul(builder.uitofp(sc, V8F), splat(builder, d, 8))
+            dmn = builder.fmul(builder.uitofp(mn, V8F), splat(builder, dmin, 8))
+            s8.append([builder.fmul(dsc, dxt) for dxt in dx])  # (d * sc_j) * dx_j
+            for ma, xst in zip(mr, xs):
+                _add_to(builder, ma, builder.fmul(dmn, xst))
+            blks.append(blk)
         for j in range(4):
-            q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
-            w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
-            for x, ac, s in zip(toks, acc, s8):
-                f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, _xv(builder, x, elem)), V16F)
-                _add_to(builder, ac, builder.fmul(f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8)))
-    return [builder.fsub(hsum(builder, builder.load(ac)), hsum(builder, builder.load(ma))) for ac, ma in zip(acc, macc)]
+            xv = [_xv(builder, x, elem) for x in toks]
+            for blk, ar, sr in zip(blks, acc, s8):
+                q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
+                w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
+                for xvt, ac, s in zip(xv, ar, sr):
+                    f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xvt), V16F)
+                    _fma_to(builder, ac, f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8))
+    return [[builder.fsub(hsum(builder, builder.load(ac)), hsum(builder, builder.load(ma))) for ac, ma in zip(ar, mr)]
+            for ar, mr in zip(acc, macc)]
 
 
 @_row_intrinsic
-def _row_q6_k(builder, isa, p, toks):
-    raw = p["raw"]
-    acc = [_acc(builder, V16F) for _ in toks]
+def _row_q6_k(builder, isa, rows, nb, toks):
+    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
 
     def c32(n):
         return const_vec(8, [n] * 32)
-    with cgutils.for_range(builder, p["nb"]) as loop:
+    with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        blk = builder.gep(raw, [builder.mul(b, _i64(210))])
-        d = f16_to_f32(builder, blk, _i64(208))
-        dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
-        s16 = []
+        dx16 = []
         for x in toks:
             dx = load_vec(builder, x["xd"], builder.mul(b, _i64(8)), V8F)
-            dx16 = shuffle(builder, dx, dx, [i // 2 for i in range(16)])  # 16-element sub-block i in 32-block i // 2
-            s16.append(builder.fmul(dsc, dx16))
+            dx16.append(shuffle(builder, dx, dx, [i // 2 for i in range(16)]))  # 16-element sub-block i in 32-block i // 2
+        blks, s16 = [], []
+        for row in rows:
+            blk = builder.gep(row, [builder.mul(b, _i64(210))])
+            d = f16_to_f32(builder, blk, _i64(208))
+            dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
+            s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
+            blks.append(blk)
         for h in range(2):
-            l0 = load_vec(builder, blk, _i64(64 * h), vec(8, 32))
-            l1 = load_vec(builder, blk, _i64(64 * h + 32), vec(8, 32))
-            hb = load_vec(builder, blk, _i64(128 + 32 * h), vec(8, 32))
-            e = [builder.or_(builder.and_(l0, c32(15)), builder.shl(builder.and_(hb, c32(3)), c32(4))),
-                 builder.or_(builder.and_(l1, c32(15)), builder.shl(builder.and_(hb, c32(12)), c32(2))),
-                 builder.or_(builder.lshr(l0, c32(4)), builder.and_(hb, c32(48))),
-                 builder.or_(builder.lshr(l1, c32(4)), builder.lshr(builder.and_(hb, c32(192)), c32(2)))]
+            es = []
+            for blk in blks:
+                l0 = load_vec(builder, blk, _i64(64 * h), vec(8, 32))
+                l1 = load_vec(builder, blk, _i64(64 * h + 32), vec(8, 32))
+                hb = load_vec(builder, blk, _i64(128 + 32 * h), vec(8, 32))
+                es.append([builder.or_(builder.and_(l0, c32(15)), builder.shl(builder.and_(hb, c32(3)), c32(4))),
+                           builder.or_(builder.and_(l1, c32(15)), builder.shl(builder.and_(hb, c32(12)), c32(2))),
+                           builder.or_(builder.lshr(l0, c32(4)), builder.and_(hb, c32(48))),
+                           builder.or_(builder.lshr(l1, c32(4)), builder.lshr(builder.and_(hb, c32(192)), c32(2)))])
             for g in range(2):
                 grp = 2 * h + g  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
                 elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
-                w = concat(builder, e[2 * g], e[2 * g + 1])
-                for x, ac, s in zip(toks, acc, s16):
-                    init = builder.shl(_x4(builder, x, elem), const_vec(32, [5] * 16))  # -32 * sum(x)
-                    f = builder.sitofp(dp4x2(builder, isa, init, w, _xv(builder, x, elem)), V16F)
-                    _add_to(builder, ac, builder.fmul(f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)])))
-    return [hsum(builder, builder.load(ac)) for ac in acc]
+                xv = [_xv(builder, x, elem) for x in toks]
+                init = [builder.shl(_x4(builder, x, elem), const_vec(32, [5] * 16)) for x in toks]  # -32 * sum(x)
+                for e, ar, sr in zip(es, acc, s16):
+                    w = concat(builder, e[2 * g], e[2 * g + 1])
+                    for xvt, it, ac, s in zip(xv, init, ar, sr):
+                        f = builder.sitofp(dp4x2(builder, isa, it, w, xvt), V16F)
+                        _fma_to(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
+    return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
 
 
-def _pairs(builder, isa, p, toks, bytes_per_block, weights, signed_shift):
+def _pairs(builder, isa, rows, nb, toks, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
     weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
     signed_shift: the offset's log2 for unsigned quants (q - 2^shift)."""
-    raw, nb = p["raw"], p["nb"]
-    acc = [_acc(builder, V16F) for _ in toks]
+    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
 
     def pair(i, lone):
         b0 = builder.mul(i, _i64(2))
-        blk0 = builder.gep(raw, [builder.mul(b0, _i64(bytes_per_block))])
-        blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
-        w0 = weights(blk0)
-        w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
-        w = concat(builder, w0, w1)
-        d0 = f16_to_f32(builder, blk0, _i64(0))
-        d1 = ir.Constant(F32, 0.0) if lone else f16_to_f32(builder, blk1, _i64(0))
-        dw = builder.insert_element(builder.insert_element(ir.Constant(V2F, None), d0, ir.Constant(simd.I32, 0)),
-                                    d1, ir.Constant(simd.I32, 1))
         elem = builder.mul(b0, _i64(32))
-        for x, ac in zip(toks, acc):
-            xv = _xv(builder, x, elem)
-            x4 = _x4(builder, x, elem)
-            if signed_shift is None:
-                dots = dp4x2(builder, isa, ZERO16, w, xv, signed=True, x4n=x4)
-            else:
-                dots = dp4x2(builder, isa, builder.shl(x4, const_vec(32, [signed_shift] * 16)), w, xv)
-            # (d0 dx0, d1 dx1); a lone block's dx1 is the zero padding, and 0 * 0 = 0 as before
-            s = builder.fmul(dw, load_vec(builder, builder.bitcast(x["xd"], I8P), builder.mul(b0, _i64(4)), V2F))
-            _add_to(builder, ac, builder.fmul(builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8)))
+        xv = [_xv(builder, x, elem) for x in toks]
+        x4 = [_x4(builder, x, elem) for x in toks]
+        # (dx0, dx1); a lone block's dx1 is the zero padding
+        dx = [load_vec(builder, builder.bitcast(x["xd"], I8P), builder.mul(b0, _i64(4)), V2F) for x in toks]
+        for row, ar in zip(rows, acc):
+            blk0 = builder.gep(row, [builder.mul(b0, _i64(bytes_per_block))])
+            blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
+            w0 = weights(blk0)
+            w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
+            w = concat(builder, w0, w1)
+            d0 = f16_to_f32(builder, blk0, _i64(0))
+            d1 = ir.Constant(F32, 0.0) if lone else f16_to_f32(builder, blk1, _i64(0))
+            dw = builder.insert_element(builder.insert_element(ir.Constant(V2F, None), d0, ir.Constant(simd.I32, 0)),
+                                        d1, ir.Constant(simd.I32, 1))
+            for xvt, x4t, dxt, ac in zip(xv, x4, dx, ar):
+                if signed_shift is None:
+                    dots = dp4x2(builder, isa, ZERO16, w, xvt, signed=True, x4n=x4t)
+                else:
+                    dots = dp4x2(builder, isa, builder.shl(x4t, const_vec(32, [signed_shift] * 16)), w, xvt)
+                s = builder.fmul(dw, dxt)  # (d0 dx0, d1 dx1)
+                _fma_to(builder, ac, builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8))
 
     with cgutils.for_range(builder, builder.sdiv(nb, _i64(2))) as loop:
         pair(loop.index, False)
     odd = builder.icmp_signed("!=", builder.srem(nb, _i64(2)), _i64(0))
     with builder.if_then(odd, likely=False):
         pair(builder.sdiv(nb, _i64(2)), True)
-    return [hsum(builder, builder.load(ac)) for ac in acc]
+    return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
 
 
 @_row_intrinsic
-def _row_q8_0(builder, isa, p, toks):
-    return _pairs(builder, isa, p, toks, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
+def _row_q8_0(builder, isa, rows, nb, toks):
+    return _pairs(builder, isa, rows, nb, toks, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
 
 
 @_row_intrinsic
-def _row_q5_0(builder, isa, p, toks):
+def _row_q5_0(builder, isa, rows, nb, toks):
     def weights(blk):
         qs = load_vec(builder, blk, _i64(6), vec(8, 16))
         e = concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
         qh = builder.load(builder.bitcast(builder.gep(blk, [_i64(2)]), ir.IntType(32).as_pointer()), align=1)
         fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), vec(8, 32))  # bit i: element i
         return builder.or_(e, builder.shl(fifth, const_vec(8, [4] * 32)))
-    return _pairs(builder, isa, p, toks, 22, weights, 4)
+    return _pairs(builder, isa, rows, nb, toks, 22, weights, 4)

@@ -31,6 +31,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .jit import specialize
+
 _EXPLORE = 16  # every this many large calls, try another thread count
 _ALPHA = 0.15  # weight of a new measurement in the averages
 _MIN_WORK = 1 << 18  # calls with less work (bytes x tokens) are not measured nor parallelised
@@ -190,11 +192,10 @@ def _await_epoch(board, seen, spins):
     return _fetch_add(board, 0, 0)
 
 
-@njit(cache=True, nogil=True)
-def idle_loop(board, i, seen, spins, kernel_task):
-    """A worker between calls: run kernel tasks as they are posted (no Python, no GIL), return
-    (epoch, kind) for a task it cannot run here (PYTHON, STOP), or (seen, -1) after `spins`
-    polls with nothing new."""
+def _idle_loop(board, i, seen, spins):
+    """A worker between calls: run kernel tasks (the global kernel_task of this copy, see
+    idle_loop) as they are posted (no Python, no GIL), return (epoch, kind) for a task it cannot
+    run here (PYTHON, STOP, REST), or (seen, -1) after `spins` polls with nothing new."""
     while True:
         e = _await_epoch(board, seen, spins)
         if e == seen:
@@ -205,6 +206,17 @@ def idle_loop(board, i, seen, spins, kernel_task):
             return e, kind
         if i < board[NWORK] and board[TEPOCH] == e:
             kernel_task(board, e)
+
+
+_IDLE: dict = {}
+
+
+def idle_loop(kernel_task):
+    """The compiled idle loop of workers that run kernel_task (one copy per kernel)."""
+    f = _IDLE.get(kernel_task)
+    if f is None:
+        f = _IDLE[kernel_task] = specialize(_idle_loop, kernel_task.py_func.__name__, kernel_task=kernel_task)
+    return f
 
 
 def _spins_for(seconds: float) -> int:
@@ -228,6 +240,7 @@ class _Pool:
     def __init__(self, n: int, kernel_task):
         self.board = np.zeros(BOARD, np.int64)
         self.kernel_task = kernel_task
+        self.loop = idle_loop(kernel_task)  # compiled here, before the threads start
         self.task = None  # (epoch, Python fn(board, epoch)) of the current PYTHON task
         self.queues = [queue.SimpleQueue() for _ in range(n)]
         self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True, name=f"edgellm-kernel-{i}")
@@ -253,9 +266,9 @@ class _Pool:
         return e
 
     def _work(self, i: int):
-        board, seen = self.board, 0
+        board, seen, loop = self.board, 0, self.loop
         while True:
-            seen, kind = idle_loop(board, i, seen, self.spins, self.kernel_task)
+            seen, kind = loop(board, i, seen, self.spins)
             if kind == STOP:
                 return
             if kind == PYTHON:

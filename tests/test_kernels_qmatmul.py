@@ -62,10 +62,10 @@ def test_quantize_x_is_its_recipe():
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [512, 1536])
-def test_decode_matches_the_recipe_on_every_path(t, k):
+def test_products_match_the_recipe_on_every_path(t, k):
     rng = np.random.default_rng(int(t) + k)
     raw = random_raw(t, 75, k, rng)
-    x = rng.standard_normal((3, k)).astype(np.float32)
+    x = rng.standard_normal((13, k)).astype(np.float32)  # every group shape: 8 or 4 tokens x 2 rows, 1
     ref = _reference(raw, t, k, x)
     tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, k)).T) + 1e-30
     w = qm.Weight(raw, t, k)
@@ -130,11 +130,11 @@ def test_row_chunks_give_the_same_bits_as_the_whole_matrix(n_tok):
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
 def test_a_prompt_gives_each_token_the_bits_of_its_own_decode(t):
-    """Prompts (T > 8: groups of 8, 4, 2, 1 tokens per row pass) follow the same recipe, and a
-    token's row equals the one it gets decoded alone: prefill, decode and speculative
-    verification agree bit for bit."""
+    """Prompts (T > 8: groups of 8 or 4 tokens against 1 or 2 rows, then fewer, per row pass)
+    follow the same recipe, and a token's row equals the one it gets decoded alone: prefill,
+    decode and speculative verification agree bit for bit."""
     rng = np.random.default_rng(11)
-    raw = random_raw(t, 300, 512, rng)
+    raw = random_raw(t, 301, 512, rng)
     x = rng.standard_normal((3 * qm.SMALL_T + 7, 512)).astype(np.float32)
     w = qm.Weight(raw, t, 512)
     y = qm.matmul(w, x)
