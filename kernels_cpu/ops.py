@@ -68,16 +68,19 @@ def rms_norm(x, weight, eps):
 
 
 @njit(cache=True)
-def _rope_token(x, p, ts, fs, neox, n_rot, out):  # x (H, Dh), out (H, Dh)
+def _rope_angles(p0, p1, ts, fs, half, cs, sn):  # rows p0..p1-1 of the tables (P, half)
+    for p in range(p0, p1):
+        theta = F32(p)
+        for i in range(half):  # ggml_rope_cache_init: theta *= theta_scale in float32
+            a = np.float64(fs * theta)
+            cs[p, i] = F32(math.cos(a))
+            sn[p, i] = F32(math.sin(a))
+            theta = theta * ts
+
+
+@njit(cache=True)
+def _rope_token(x, cs, sn, neox, n_rot, out):  # x (H, Dh), cs, sn (half,), out (H, Dh)
     half = n_rot // 2
-    cs = np.empty(half, dtype=F32)
-    sn = np.empty(half, dtype=F32)
-    theta = F32(p)
-    for i in range(half):  # ggml_rope_cache_init: theta *= theta_scale in float32
-        a = np.float64(fs * theta)
-        cs[i] = F32(math.cos(a))
-        sn[i] = F32(math.sin(a))
-        theta = theta * ts
     for h in range(x.shape[0]):
         for i in range(half):
             i0 = i if neox else 2 * i
@@ -91,13 +94,32 @@ def _rope_token(x, p, ts, fs, neox, n_rot, out):  # x (H, Dh), out (H, Dh)
 
 
 @njit(cache=True, parallel=True)
-def _rope(x, pos, ts, fs, neox, n_rot, out):  # x (T, H, Dh), pos (T,), out (T, H, Dh)
+def _rope(x, pos, cs, sn, neox, n_rot, out):  # x (T, H, Dh), pos (T,), out (T, H, Dh)
     if x.size < _PAR_MIN:
         for t in range(x.shape[0]):
-            _rope_token(x[t], pos[t], ts, fs, neox, n_rot, out[t])
+            _rope_token(x[t], cs[pos[t]], sn[pos[t]], neox, n_rot, out[t])
     else:
         for t in prange(x.shape[0]):
-            _rope_token(x[t], pos[t], ts, fs, neox, n_rot, out[t])
+            _rope_token(x[t], cs[pos[t]], sn[pos[t]], neox, n_rot, out[t])
+
+
+_ROPE_TABLES: dict = {}  # (theta_scale, freq_scale, n_rot) -> (cos, sin) (P, n_rot / 2) float32
+
+
+def _rope_table(ts, fs, n_rot: int, p_max: int):
+    """cos and sin of every position up to p_max (computed once, shared by q and k and by every
+    layer of the same base: ggml's per-token angles, looked up)."""
+    key = (float(ts), float(fs), n_rot)
+    cs, sn = _ROPE_TABLES.get(key, (None, None))
+    have = 0 if cs is None else cs.shape[0]
+    if p_max >= have:
+        n = max(1024, 2 * have, p_max + 1)
+        cs2, sn2 = np.empty((n, n_rot // 2), F32), np.empty((n, n_rot // 2), F32)
+        if have:
+            cs2[:have], sn2[:have] = cs, sn
+        _rope_angles(have, n, ts, fs, n_rot // 2, cs2, sn2)
+        cs, sn = _ROPE_TABLES[key] = (cs2, sn2)
+    return cs, sn
 
 
 def rope(x, positions, theta_base, neox, n_rot=None, freq_scale=1.0):
@@ -110,9 +132,12 @@ def rope(x, positions, theta_base, neox, n_rot=None, freq_scale=1.0):
     n_rot = x.shape[-1] if n_rot is None else int(n_rot)
     if n_rot % 2 or not 0 < n_rot <= x.shape[-1]:
         raise ValueError(f"rope: n_rot={n_rot} must be even and within head_dim={x.shape[-1]}")
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    if pos.size and (pos.min() < 0 or pos.max() >= 1 << 24):
+        raise ValueError(f"rope: positions must be in 0..{(1 << 24) - 1}")
+    cs, sn = _rope_table(rope_theta_scale(theta_base, n_rot), F32(freq_scale), n_rot, int(pos.max()) if pos.size else 0)
     out = np.empty_like(x)
-    _rope(x, np.ascontiguousarray(positions, dtype=np.int64), rope_theta_scale(theta_base, n_rot),
-          F32(freq_scale), bool(neox), n_rot, out)
+    _rope(x, pos, cs, sn, bool(neox), n_rot, out)
     return out
 
 
@@ -342,7 +367,7 @@ def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, a
             m = max(m, sc[g, jj])
         s = F32(0.0)
         for jj in range(n):
-            e = math.exp(sc[g, jj] - m)
+            e = _exp(sc[g, jj] - m)
             sc[g, jj] = e
             s += e
         m_part[h0 + g, c] = m
@@ -442,9 +467,14 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
             a = acc[r]
             for d in range(Dh):
                 a[d] *= alpha
+            ls = F32(0.0)
+            for c in range(c0, c1 + 1):  # straight-line: vectorized
+                e = _exp(s[c] - m_new)
+                s[c] = e
+                ls += e
+            l[r] += ls
             for c in range(c0, c1 + 1):
-                e = math.exp(s[c] - m_new)
-                l[r] += e
+                e = s[c]
                 for d in range(Dh):
                     a[d] += e * vb[c, d]
             m[r] = m_new
