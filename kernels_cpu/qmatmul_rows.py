@@ -104,6 +104,19 @@ def _fma_to(builder, slot, a, b):
     builder.store(builder.call(f, [a, b, builder.load(slot)]), slot)
 
 
+PREFETCH = 4096  # bytes ahead of the block being read that each block asks the memory for
+
+
+def _prefetch(builder, blk, nbytes):
+    """Ask for the cache lines PREFETCH bytes past a block of nbytes (the hardware prefetcher
+    alone restarts slowly at each work item's first row)."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8P, simd.I32, simd.I32, simd.I32]),
+                                       "llvm.prefetch.p0i8")
+    for off in range(0, nbytes, 64):
+        builder.call(f, [builder.gep(blk, [_i64(PREFETCH + off)]), ir.Constant(simd.I32, 0),
+                         ir.Constant(simd.I32, 3), ir.Constant(simd.I32, 1)])
+
+
 def _x4(builder, x, elem):
     """<16 x i32> of x4n for the 64 activations starting at element `elem` (i64) of this row
     (int32 number elem / 4, at byte elem) of token x."""
@@ -142,6 +155,7 @@ def _row_q4_k(builder, isa, rows, nb, toks):
         blks, s8 = [], []
         for row, mr in zip(rows, macc):
             blk = builder.gep(row, [builder.mul(b, _i64(144))])
+            _prefetch(builder, blk, 144)
             d, dmin = f16_to_f32(builder, blk, _i64(0)), f16_to_f32(builder, blk, _i64(2))
             v = load_vec(builder, blk, _i64(4), vec(8, 16))  # the 12 scale bytes (and 4 of the quants)
             a = shuffle(builder, v, v, [0, 1, 2, 3, 8, 9, 10, 11])
@@ -185,6 +199,7 @@ def _row_q6_k(builder, isa, rows, nb, toks):
         blks, s16 = [], []
         for row in rows:
             blk = builder.gep(row, [builder.mul(b, _i64(210))])
+            _prefetch(builder, blk, 210)
             d = f16_to_f32(builder, blk, _i64(208))
             dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
             s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
@@ -228,6 +243,7 @@ def _pairs(builder, isa, rows, nb, toks, bytes_per_block, weights, signed_shift)
         for row, ar in zip(rows, acc):
             blk0 = builder.gep(row, [builder.mul(b0, _i64(bytes_per_block))])
             blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
+            _prefetch(builder, blk0, 2 * bytes_per_block)
             w0 = weights(blk0)
             w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
             w = concat(builder, w0, w1)

@@ -28,7 +28,7 @@ def _warm_up(engine, ids: list[int]) -> None:
     load from numba's cache on first use) so no timed run pays for it."""
     engine.reset()
     engine.prefill(ids[:16])
-    engine.decode_one(ids[16])
+    engine.decode_one(ids[0])
     engine.reset()
 
 
@@ -119,8 +119,12 @@ def profile_decode(engine, n_gen: int = 32) -> dict[str, float]:
     def matmul_kind(x, name):
         return "matmul " + name.split(".")[-2] if name.startswith("blk.") else "matmul head"
 
-    orig_linear = model.linear
+    def group_kind(x, *names):
+        return "matmul " + "+".join(n.split(".")[-2] for n in names)
+
+    orig_linear, orig_linears = model.linear, model.linears
     model.linear = timed(matmul_kind, orig_linear)
+    model.linears = timed(group_kind, orig_linears)
     orig_ops = {}
     for op in ("rms_norm", "rope", "attention", "attention_ring", "silu_gate", "gelu_tanh_gate", "embedding_rows"):
         orig_ops[op] = getattr(ops, op)
@@ -135,7 +139,7 @@ def profile_decode(engine, n_gen: int = 32) -> dict[str, float]:
             tok = int(np.argmax(engine.decode_one(tok)))
         total = time.perf_counter() - t
     finally:
-        model.linear = orig_linear
+        model.linear, model.linears = orig_linear, orig_linears
         for op, fn in orig_ops.items():
             setattr(ops, op, fn)
         engine.reset()
