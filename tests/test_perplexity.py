@@ -1,4 +1,6 @@
-"""Perplexity on GPL-3 with llama-perplexity's method, within 1% of llama.cpp's figures."""
+"""Perplexity on GPL-3 with llama-perplexity's method: within 1% of llama.cpp's figures (the
+method is the same) and within 0.3% of the exact path's (the accuracy rule; the exact figures are
+recorded in tests/data, `--backend numpy`; llama.cpp itself is 0.2-0.4% off them)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from edgellm.runtime import Engine, RuntimeConfig, perplexity
 from conftest import model_file, reference_file
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize("name", [
@@ -18,7 +21,7 @@ GPL3 = Path("/usr/share/common-licenses/GPL-3")
     "qwen2.5-coder-0.5b",
     pytest.param("qwen2.5-coder-1.5b", marks=pytest.mark.slow),
 ])
-def test_gpl3_perplexity_within_one_percent(name):
+def test_gpl3_perplexity_near_llama_cpp_and_the_exact_path(name):
     if not GPL3.exists():
         pytest.skip(f"{GPL3} is missing")
     ref = json.loads(reference_file("llamacpp-perplexity-gpl3-c512.json").read_text())["models"][name]
@@ -29,3 +32,6 @@ def test_gpl3_perplexity_within_one_percent(name):
         eng.close()
     assert r.n_chunks == ref["n_chunks"] and r.scored_tokens == ref["scored_tokens"]
     assert abs(r.ppl / ref["final_ppl"] - 1) < 0.01, f"{name}: {r.ppl:.4f} vs llama.cpp {ref['final_ppl']}"
+    exact = json.loads((DATA / "exact-perplexity-gpl3-c512.json").read_text())["models"][name]
+    print(f"\n{name}: ppl {r.ppl:.4f}, exact path {exact:.4f}, llama.cpp {ref['final_ppl']}")
+    assert abs(r.ppl / exact - 1) < 0.003, f"{name}: {r.ppl:.4f} vs the exact path's {exact:.4f}"
