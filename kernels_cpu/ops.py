@@ -29,6 +29,7 @@ _PAR_MIN = 1 << 15  # elements of work below which a kernel stays on one thread
 _BLK = 1 << 13  # elements per parallel chunk of an elementwise op
 _BK = 64  # keys per block in prefill attention
 _Q_ROWS = 64  # (query, head) rows per prefill work item
+DECODE_T = 16  # batches up to this many queries attend one query at a time (speculative verification)
 
 
 # ---- norms, rope, softmax, gates -------------------------------------------------------------
@@ -523,13 +524,14 @@ def _attention(q, k, v, q_positions, scale, window, softcap, cap):  # cap: ring 
                          f" positions {p_min}..{p_max}; it needs >= window + n_tokens - 1 rows")
     out = np.empty_like(q)
     scale, softcap = F32(scale), F32(softcap)
-    if T == 1:
-        p = p_max
-        n_vis = p + 1 - (max(0, p - window + 1) if window else 0)
+    if T <= DECODE_T:  # each query as a decode step: the same bits whatever shares its batch
         threads = numba.get_num_threads()
-        par = threads > 1 and n_vis * Hq * Dh >= _PAR_MIN
-        n_chunks = max(1, min(n_vis // 64, -(-2 * threads // Hkv))) if par else 1
-        _attn_decode(q[0], k, v, p, scale, window, softcap, cap, n_chunks, par, out[0])
+        for t in range(T):
+            p = int(pos[t])
+            n_vis = p + 1 - (max(0, p - window + 1) if window else 0)
+            par = threads > 1 and n_vis * Hq * Dh >= _PAR_MIN
+            n_chunks = max(1, min(n_vis // 64, -(-2 * threads // Hkv))) if par else 1
+            _attn_decode(q[t], k, v, p, scale, window, softcap, cap, n_chunks, par, out[t])
     else:
         _attn_prefill(q, k, v, pos, scale, window, softcap, cap, max(1, _Q_ROWS // (Hq // Hkv)),
                       out)
@@ -546,8 +548,10 @@ def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
     q_positions # (n_tokens,) int
     Key j is visible to a query at p iff j <= p and (window == 0 or p - j < window); query head h
     reads kv head h // (n_q_heads // n_kv_heads). Score = q.k * scale, then
-    softcap * tanh(score / softcap) if softcap > 0. One token (decode) splits the keys over
-    threads; several (prefill) run blocked online-softmax over (kv head, query block) items.
+    softcap * tanh(score / softcap) if softcap > 0. Up to DECODE_T tokens (decode, speculative
+    verification) attend one at a time, each splitting its keys over threads, so a query's result
+    does not depend on its batch; more (prefill) run blocked online-softmax over (kv head, query
+    block) items.
     Returns     # (n_tokens, n_q_heads, head_dim) float32
     """
     return _attention(q, k_cache, v_cache, q_positions, scale, window, softcap, 0)

@@ -92,6 +92,9 @@ class RuntimeConfig:
     cluster_split: tuple[float, ...] = ()  # share weights: this node first, then each worker
     cluster_timeout: float = 5.0  # seconds without an expected message before a node counts as lost
     memory_budget: int | str | None = None  # bytes (or "400M", "1.5G") the process may use; None: all it needs
+    draft: str | None = None  # speculative decoding: a smaller model of the same vocabulary (name or path)
+    lookup: int = 0  # speculative decoding without a model: match the last N tokens (0: off)
+    draft_max: int = 8  # tokens proposed per target pass, at most (adapted to the acceptance)
 
     @property
     def max_threads(self) -> int:
@@ -116,6 +119,7 @@ class RuntimeConfig:
             raise ConfigError(f"n_batch must be at most 4096, not {self.n_batch}")
         _check_cluster(self)
         _check_budget(self)
+        _check_speculative(self)
 
 
 def _check_cluster(c: RuntimeConfig) -> None:
@@ -132,6 +136,23 @@ def _check_cluster(c: RuntimeConfig) -> None:
         raise ConfigError(f"cluster_timeout must be 0.05..3600 seconds, not {t!r}")
     object.__setattr__(c, "cluster", nodes)
     object.__setattr__(c, "cluster_split", tuple(float(w) for w in split))
+
+
+def _check_speculative(c: RuntimeConfig) -> None:
+    from .speculative import MAX_DRAFT
+
+    if not isinstance(c.lookup, int) or isinstance(c.lookup, bool) or not 0 <= c.lookup <= 16:
+        raise ConfigError(f"lookup must be 0..16 tokens, not {c.lookup!r}")
+    if not isinstance(c.draft_max, int) or isinstance(c.draft_max, bool) or not 1 <= c.draft_max <= MAX_DRAFT:
+        raise ConfigError(f"draft_max must be 1..{MAX_DRAFT}, not {c.draft_max!r}")
+    if c.draft is not None and (not isinstance(c.draft, str) or not c.draft.strip()):
+        raise ConfigError(f"draft must be a model name or a GGUF path, not {c.draft!r}")
+    if c.draft and c.lookup:
+        raise ConfigError("choose a draft model or lookup, not both")
+    if (c.draft or c.lookup) and c.draft_max > c.n_batch - 1:
+        raise ConfigError(f"draft_max must stay below n_batch ({c.n_batch})")
+    if c.draft and c.cluster:
+        raise ConfigError("a draft model does not run with a cluster yet; use lookup")
 
 
 def _check_budget(c: RuntimeConfig) -> None:

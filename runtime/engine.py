@@ -75,6 +75,7 @@ class Stats:
     io_wait_s: float = 0.0  # time waiting for streamed weights (0 without a memory budget)
     bytes_read: int = 0  # weight bytes read from disk by those passes
     steps: list[dict] = field(default_factory=list)  # per forward pass: tokens, compute_s, io_wait_s, bytes_read
+    speculative: dict | None = None  # drafted, accepted, acceptance, target_passes (speculative decoding)
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -91,11 +92,15 @@ class Engine:
         self.rcfg = rcfg
         self.file = GGUFFile(path)
         self.weights = None  # the weight store (None for a cluster)
+        self.proposer = None  # speculative decoding (runtime/speculative.py), when rcfg asks for it
+        self.draft_bytes = 0  # what a resident draft model takes out of a memory budget
         try:
             arch = self.file.metadata.get("general.architecture")
             cls = model_class(arch)
             self.config = cls.config(self.file)
             self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
+            self.proposer, rcfg = self._proposer(rcfg)
+            self.rcfg = rcfg
             self.plan, units = self._plan(rcfg)  # a memory budget: offload/ streams what does not fit
             if self.plan is not None:
                 rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
@@ -114,6 +119,8 @@ class Engine:
         except BaseException:
             if hasattr(self.weights, "close"):
                 self.weights.close()
+            if self.proposer is not None:
+                self.proposer.close()
             self.file.close()
             raise
         self.n_ctx = self.model.n_ctx
@@ -128,11 +135,38 @@ class Engine:
         return cls(resolve(model, progress=progress), rcfg or RuntimeConfig())
 
     def close(self) -> None:
+        if self.proposer is not None:
+            self.proposer.close()
+            self.proposer = None
         if hasattr(self.model, "close"):  # a cluster says goodbye to its workers
             self.model.close()
         if hasattr(self.weights, "close"):  # a streaming store stops its I/O threads
             self.weights.close()
         self.file.close()
+
+    def _proposer(self, rcfg: RuntimeConfig):
+        """Speculative decoding's proposer (or None), and the config the target runs with: under a
+        memory budget a draft model stays resident and the target's weights get what is left."""
+        from . import speculative as sp
+
+        if rcfg.lookup:
+            return sp.NgramLookup(rcfg.lookup), rcfg
+        if not rcfg.draft:
+            return None, rcfg
+        from ..loaders.store import resolve
+
+        draft = Engine(resolve(rcfg.draft), replace(rcfg, draft=None, memory_budget=None))
+        prop = sp.DraftModel(draft, self)  # refuses (and closes) a draft with another vocabulary
+        if rcfg.memory_budget is None:
+            return prop, rcfg
+        need = draft.path.stat().st_size + sum(c.nbytes for c in draft.model.caches)
+        left = rcfg.memory_budget - need
+        if left <= 0:
+            prop.close()
+            raise EdgeLLMError(f"the draft model {draft.path.name} needs about {need / 1e6:,.0f} MB resident, "
+                               f"more than --memory-budget {rcfg.memory_budget / 1e6:,.0f} MB")
+        self.draft_bytes = need
+        return prop, replace(rcfg, memory_budget=left)
 
     def _plan(self, rcfg: RuntimeConfig):
         """(plan, units) when weights must stream (a budget, or a model larger than the memory
@@ -224,7 +258,58 @@ class Engine:
         self.tokens.append(token)
         return logits[-1]
 
+    def verify(self, ids: Sequence[int]) -> np.ndarray:
+        """Append ids (a pending token and drafts) in one pass; logits (len(ids), n_vocab) after
+        each. `rollback(n)` then drops what was not accepted."""
+        n0 = len(self.tokens)
+        if n0 + len(ids) > self.n_ctx:
+            raise EdgeLLMError(f"context full ({self.n_ctx} tokens)")
+        self.n_written = max(self.n_written, n0 + len(ids))
+        logits = self._forward(np.asarray(ids), n0, all_logits=True)
+        self.tokens.extend(ids)
+        return logits
+
+    def rollback(self, n: int) -> None:
+        """Keep the first n tokens of the cache (rows past them are rewritten before being read;
+        a ring holds window + n_batch - 1 rows, and drafts are fewer than n_batch)."""
+        del self.tokens[n:]
+
     # --- generation ---
+
+    def _plain(self, logits, sampler, history):
+        """Tokens one decode step at a time."""
+        while True:
+            tok = sampler.sample(logits, history)
+            history.append(tok)
+            yield tok
+            logits = self.decode_one(tok)
+
+    def _speculative(self, logits, sampler, history, st):
+        """Tokens from proposals checked by one target pass each (runtime/speculative.py): the
+        same ids as _plain when greedy, the same distribution when sampling."""
+        from .speculative import Controller, accept
+
+        ctl = Controller(self.rcfg.draft_max)
+        tok = sampler.sample(logits, history)
+        history.append(tok)
+        try:
+            yield tok
+            while True:
+                room = self.n_ctx - len(self.tokens) - 1
+                k = min(ctl.k, room)
+                drafts = self.proposer.propose(history, k)[:k] if k > 0 else []
+                n0 = len(self.tokens)
+                out = self.verify([tok] + drafts)
+                n_ok, tok = accept(sampler, out, drafts, history)
+                ctl.update(len(drafts), n_ok)
+                self.rollback(n0 + 1 + n_ok)
+                for x in drafts[:n_ok]:
+                    history.append(x)
+                    yield x
+                history.append(tok)
+                yield tok
+        finally:
+            st.speculative = ctl.report()
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
         """Prefill `prompt_ids`, then sample until end of generation, a stop string or a limit."""
@@ -242,15 +327,15 @@ class Engine:
             limit = min(limit, params.max_tokens)
         t_gen = time.perf_counter()
         n = 0
-        while n < limit:
-            tok = sampler.sample(logits, history)
+        tokens = (self._speculative(logits, sampler, history, st) if self.proposer is not None
+                  else self._plain(logits, sampler, history))
+        for tok in tokens if limit > 0 else ():
             n += 1
             now = time.perf_counter()
             if n == 1:
                 st.ttft_s = now - t0
             st.gen_tokens, st.gen_s = n, now - t_gen
             st.ids.append(tok)
-            history.append(tok)
             if self.tokenizer.is_eog(tok) and not params.ignore_eos:
                 text, _ = stops.feed(decoder.flush())
                 yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop")
@@ -259,11 +344,11 @@ class Engine:
             if hit:
                 yield Event(tok, text, st.tokens_per_s, "stop")
                 break
-            if n == limit:
+            if n >= limit:
                 text += stops.feed(decoder.flush())[0] + stops.flush()
                 yield Event(tok, text, st.tokens_per_s, "length")
                 break
             yield Event(tok, text, st.tokens_per_s)
-            logits = self.decode_one(tok)
+        tokens.close()
         st.gen_s = time.perf_counter() - t_gen
         st.peak_rss_bytes = peak_rss_bytes()
