@@ -136,8 +136,8 @@ def rm(name: str = typer.Argument(..., help="cached model name")) -> None:
     typer.echo(f"removed {name} ({_size(freed)})")
 
 
-def _runtime_config(threads, ctx, backend=None, n_batch=None, memory_budget=None):
-    kw = {"n_ctx": ctx}
+def _runtime_config(threads, ctx, backend=None, n_batch=None, memory_budget=None, spec=None):
+    kw = {"n_ctx": ctx, **(spec or {})}
     if memory_budget:
         kw["memory_budget"] = memory_budget
     if threads is not None:
@@ -180,6 +180,25 @@ def _prompt_text(prompt: Optional[str], file: Optional[str]) -> str:
 THREADS = typer.Option(None, "--threads", "-t", help="CPU threads: a number 1-256, or auto (the default: "
                        "the cores this process may use, fewer while another program keeps one busy)")
 CTX = typer.Option(4096, "--ctx", "-c", min=1, help="context length (bounded by the model's)")
+DRAFT = typer.Option(None, "--draft", help="speculative decoding: a smaller model with the same vocabulary "
+                     "(e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
+LOOKUP = typer.Option(0, "--lookup", min=0, max=16, help="speculative decoding without a model: propose what "
+                      "followed the last N tokens earlier in the prompt or output (e.g. 3)")
+DRAFT_MAX = typer.Option(8, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (adapted to "
+                         "the acceptance rate)")
+
+
+def _speculative(draft: Optional[str], lookup: int, draft_max: int) -> dict:
+    if draft:
+        _resolve(draft)  # fetch with a progress bar first
+    return {k: v for k, v in (("draft", draft), ("lookup", lookup)) if v} | ({"draft_max": draft_max} if draft or lookup else {})
+
+
+def _spec_line(spec: Optional[dict]) -> str:
+    if not spec:
+        return ""
+    return (f", drafted {spec['drafted']}, accepted {spec['accepted']} ({spec['acceptance']:.0%}), "
+            f"{spec['target_passes']} target passes")
 
 
 @app.command()
@@ -206,13 +225,17 @@ def run(
     key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`); needed off loopback"),
     split: Optional[str] = typer.Option(None, "--split", help="cluster share weights, this node first, e.g. 2,1,1"),
     cluster_timeout: float = typer.Option(5.0, "--cluster-timeout", min=0.05, help="seconds before a silent node counts as lost"),
+    draft: Optional[str] = DRAFT,
+    lookup: int = LOOKUP,
+    draft_max: int = DRAFT_MAX,
 ) -> None:
     """Generate a continuation of PROMPT, streaming it to stdout."""
     text = _prompt_text(prompt, file)
     params = rt.SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                repeat_penalty=repeat_penalty, seed=seed, max_tokens=n,
                                stop=tuple(stop), ignore_eos=ignore_eos)
-    rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget), cluster, key, split,
+    rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget,
+                                           spec=_speculative(draft, lookup, draft_max)), cluster, key, split,
                            cluster_timeout)
     eng = _load(model, rcfg, verbose and not as_json)
     try:
@@ -235,6 +258,7 @@ def run(
                 "prompt_tokens_per_s": st.prompt_tokens_per_s, "tokens_per_s": st.tokens_per_s,
                 "time_to_first_token_s": st.ttft_s, "peak_rss_bytes": st.peak_rss_bytes,
                 "compute_s": st.compute_s, "io_wait_s": st.io_wait_s, "bytes_read": st.bytes_read,
+                "speculative": st.speculative,
             }))
         else:
             sys.stdout.write("\n")
@@ -248,7 +272,8 @@ def _stats_line(st) -> str:
     return (f"[prompt {st.prompt_tokens} tok at {st.prompt_tokens_per_s:.1f} tok/s"
             f"{f' (+{st.cached_tokens} cached)' if st.cached_tokens else ''}, "
             f"generated {st.gen_tokens} tok at {st.tokens_per_s:.1f} tok/s, "
-            f"first token {st.ttft_s:.2f} s, peak RSS {st.peak_rss_bytes / 1e6:,.0f} MB]")
+            f"first token {st.ttft_s:.2f} s, peak RSS {st.peak_rss_bytes / 1e6:,.0f} MB"
+            f"{_spec_line(st.speculative)}]")
 
 
 @app.command()
@@ -324,6 +349,9 @@ def bench(
     profile: bool = typer.Option(False, "--profile", help="also print milliseconds per decoded token by op"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory our run may use, e.g. 400M (llama.cpp runs unlimited; bench/offload.py compares both under memlimit)"),
+    draft: Optional[str] = DRAFT,
+    lookup: int = LOOKUP,
+    draft_max: int = DRAFT_MAX,
 ) -> None:
     """Measure prompt processing and generation speed (and llama.cpp's, when llama-cpp-python is installed)."""
     if target == "kernels":
@@ -332,17 +360,22 @@ def bench(
 
     path = _resolve(target)
     n_ctx = max(1024, n_prompt + n_gen)
-    rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget)
+    spec = _speculative(draft, lookup, draft_max)
+    rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget,
+                           spec=spec)
     eng = _load(target, rcfg)
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
         breakdown = rb.profile_decode(eng) if profile else None
+        speculative = rb.measure_speculative(eng, max(n_gen, 128), reps) if spec else None
     finally:
         eng.close()
     ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx)
     out = dict(ours, llama_cpp=ref)
     if breakdown:
         out["decode_ms_per_token_by_op"] = breakdown
+    if speculative:
+        out["speculative"] = speculative
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -358,6 +391,14 @@ def bench(
         typer.echo(f"llama.cpp: {ref['error']}")
     else:
         typer.echo("llama.cpp: not measured (pip install llama-cpp-python to compare)")
+    if speculative:
+        typer.echo(f"speculative decoding ({', '.join(f'{k} {v}' for k, v in spec.items())}), greedy, "
+                   f"{max(n_gen, 128)} tokens, median of {reps}:")
+        for name, r in speculative.items():
+            typer.echo(f"  {name:<10} plain {r['plain_tokens_per_s']:6.1f} tok/s, speculative "
+                       f"{r['speculative_tokens_per_s']:6.1f} ({r['speedup']:.2f}x), acceptance "
+                       f"{r.get('acceptance', 0):.0%}, {r['tokens']} tokens in {r.get('target_passes', 0)} "
+                       f"passes, ids {'identical' if r['identical'] else 'DIFFER'}")
     if breakdown:
         typer.echo("decode, ms per token by op:")
         for k, v in breakdown.items():
@@ -387,6 +428,9 @@ def chat(
     ctx: int = CTX,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print speed and memory after each reply"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the chat may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
+    draft: Optional[str] = DRAFT,
+    lookup: int = LOOKUP,
+    draft_max: int = DRAFT_MAX,
 ) -> None:
     """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
     from .runtime.api import load
@@ -396,7 +440,8 @@ def chat(
     rt.SamplingParams(**sampling)  # bad values fail before the model loads
     _resolve(model)  # fetch with a progress bar first
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
-                **({"memory_budget": memory_budget} if memory_budget else {})}
+                **({"memory_budget": memory_budget} if memory_budget else {}),
+                **_speculative(draft, lookup, draft_max)}
     with load(model, **settings) as llm:
         if verbose:
             typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)

@@ -148,3 +148,96 @@ def profile_decode(engine, n_gen: int = 32) -> dict[str, float]:
     out["python"] = total / n_gen * 1e3 - sum(out.values())
     out["total"] = total / n_gen * 1e3
     return out
+
+
+# ---- speculative decoding: real prompts (random ids propose nothing) ----------------------------
+
+_FUNCTION = '''def merge_intervals(intervals, gap=0):
+    """Merge overlapping [start, end] intervals; ones closer than `gap` merge too."""
+    if not intervals:
+        return []
+    for a, b in intervals:
+        if a > b:
+            raise ValueError(f"interval [{a}, {b}] ends before it starts")
+    ordered = sorted(intervals, key=lambda iv: (iv[0], iv[1]))
+    merged = [list(ordered[0])]
+    for start, end in ordered[1:]:
+        last = merged[-1]
+        if start <= last[1] + gap:
+            last[1] = max(last[1], end)
+        else:
+            merged.append([start, end])
+    total = 0
+    for start, end in merged:
+        total += end - start
+    widest = max(merged, key=lambda iv: iv[1] - iv[0])
+    holes = []
+    for (a0, a1), (b0, b1) in zip(merged, merged[1:]):
+        holes.append([a1, b0])
+    report = {
+        "merged": merged,
+        "count": len(merged),
+        "covered": total,
+        "widest": widest,
+        "holes": holes,
+    }
+    if len(merged) > 1:
+        first, last = merged[0][0], merged[-1][1]
+        report["span"] = last - first
+        report["density"] = total / (last - first) if last > first else 1.0
+    else:
+        report["span"] = merged[0][1] - merged[0][0]
+        report["density"] = 1.0
+    for key in ("covered", "span"):
+        if report[key] < 0:
+            raise AssertionError(f"{key} is negative")
+    return report
+'''
+
+PROMPTS = {
+    # a chat turn that asks to rewrite a 40-line function with one change (lookup's case)
+    "rewrite": ("chat", "Rewrite this Python function with the variable `total` renamed to `covered_len`. "
+                        "Change nothing else and reply with the code only.\n\n```python\n" + _FUNCTION + "```"),
+    # plain code completion (a draft model's case)
+    "complete": ("text", "import heapq\n\n\ndef dijkstra(graph, source):\n    \"\"\"Shortest distances from "
+                         "source in a graph given as {node: [(neighbour, weight), ...]}.\"\"\"\n"),
+}
+
+
+def prompt_ids(engine, name: str) -> list[int]:
+    kind, text = PROMPTS[name]
+    if kind == "text":
+        return engine.tokenizer.encode(text)
+    from .chat_template import ChatTemplate
+
+    tpl = ChatTemplate.for_model(engine.file.metadata, engine.tokenizer)
+    return tpl.encode(engine.tokenizer, tpl.render([{"role": "user", "content": text}]))
+
+
+def measure_speculative(engine, n_gen: int = 128, reps: int = 3) -> dict[str, Any]:
+    """Greedy generation on each of PROMPTS with the engine's proposer and without it: tokens/s
+    (medians), whether the ids are identical, and the proposer's counts."""
+    from .sampler import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n_gen)
+    prop = engine.proposer
+    out = {}
+    try:
+        for name in PROMPTS:
+            ids = prompt_ids(engine, name)
+            runs = {}
+            for label, p in (("plain", None), ("speculative", prop)):
+                engine.proposer = p
+                speeds, got = [], None
+                for _ in range(reps):
+                    engine.reset()
+                    got = [e.token for e in engine.generate(ids, params)]
+                    speeds.append(engine.stats.tokens_per_s)
+                runs[label] = (statistics.median(speeds), got, engine.stats.speculative)
+            (tp, ids_p, _), (ts, ids_s, spec) = runs["plain"], runs["speculative"]
+            out[name] = {"plain_tokens_per_s": tp, "speculative_tokens_per_s": ts, "speedup": ts / tp,
+                         "identical": ids_p == ids_s, "tokens": len(ids_s), **(spec or {})}
+    finally:
+        engine.proposer = prop
+        engine.reset()
+    return out

@@ -297,11 +297,13 @@ class Engine:
             while True:
                 room = self.n_ctx - len(self.tokens) - 1
                 k = min(ctl.k, room)
+                t = time.perf_counter()  # the proposal's cost counts: a draft model's passes
                 drafts = self.proposer.propose(history, k)[:k] if k > 0 else []
                 n0 = len(self.tokens)
                 out = self.verify([tok] + drafts)
+                seconds = time.perf_counter() - t
                 n_ok, tok = accept(sampler, out, drafts, history)
-                ctl.update(len(drafts), n_ok)
+                ctl.update(k, len(drafts), n_ok, seconds)
                 self.rollback(n0 + 1 + n_ok)
                 for x in drafts[:n_ok]:
                     history.append(x)
@@ -316,6 +318,8 @@ class Engine:
         st = self.stats = Stats()
         t0 = time.perf_counter()
         logits = self.prefill(list(prompt_ids))
+        if self.proposer is not None:
+            self.proposer.prepare(prompt_ids)  # a draft model reads the prompt too
         st.prompt_tokens = len(prompt_ids) - st.cached_tokens
         st.prompt_s = time.perf_counter() - t0
         sampler = Sampler(params, self.config.n_vocab, sorted(self.tokenizer.eog_ids))

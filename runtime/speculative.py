@@ -50,6 +50,9 @@ class NgramLookup:
                     return h[j + m: j + m + k].tolist()
         return []
 
+    def prepare(self, prompt: Sequence[int]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -64,6 +67,10 @@ class DraftModel:
             raise EdgeLLMError(f"the draft model {engine.path.name} has another vocabulary than {target.path.name}: "
                                "a draft must share the target's tokens")
         self.engine = engine
+
+    def prepare(self, prompt: Sequence[int]) -> None:
+        """Read the prompt (with the target's prompt, before generation starts)."""
+        self.engine.prefill(list(prompt))
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         e = self.engine
@@ -121,21 +128,39 @@ def _draw(sampler: Sampler, ids: np.ndarray, p: np.ndarray) -> int:
 
 
 class Controller:
-    """How many tokens to propose next: grows by one after a fully accepted round, shrinks to what
-    was accepted plus one after a rejection (llama.cpp's adaptive n_draft idea); counts for -v."""
+    """How many tokens to propose next, chosen by what each choice has delivered in this run:
+    an exponential average of tokens emitted per second (proposal and target pass) for each draft length in
+    a ladder (0, 1, 2, 4, 8, ... up to k_max), each tried once, then the best, with a neighbour
+    tried every PROBE passes (acceptance changes along a generation: a copied stretch, then new
+    text). 0 is plain decoding, so a proposer that does not pay is not used. Counts for -v/--json."""
+
+    PROBE = 8
 
     def __init__(self, k_max: int):
         if not isinstance(k_max, int) or isinstance(k_max, bool) or not 1 <= k_max <= MAX_DRAFT:
             raise EdgeLLMError(f"draft-max must be 1..{MAX_DRAFT}, not {k_max!r}")
-        self.k_max, self.k = k_max, k_max
+        self.ladder = sorted({0, k_max} | {k for k in (1, 2, 4, 8) if k < k_max})
+        self.rate: dict[int, float] = {}  # draft length -> tokens per second (average)
+        self.k = k_max  # the length the next pass proposes
         self.drafted = self.accepted = self.passes = 0
 
-    def update(self, n_drafted: int, n_ok: int) -> None:
+    def update(self, k: int, n_drafted: int, n_ok: int, seconds: float) -> None:
+        """A pass that asked for k drafts, got n_drafted and kept n_ok, in `seconds`."""
         self.drafted += n_drafted
         self.accepted += n_ok
         self.passes += 1
-        if n_drafted:
-            self.k = min(self.k_max, self.k + 1) if n_ok == n_drafted else max(1, n_ok + 1)
+        r = (n_ok + 1) / max(seconds, 1e-9)
+        self.rate[k] = r if k not in self.rate else 0.7 * self.rate[k] + 0.3 * r
+        untried = [c for c in reversed(self.ladder) if c not in self.rate]
+        best = max(self.rate, key=self.rate.get)
+        if untried:
+            self.k = untried[0]
+        elif self.passes % self.PROBE == 0:  # a neighbour of the best, up and down in turn
+            i = self.ladder.index(best)
+            up = (self.passes // self.PROBE) % 2 == 0
+            self.k = self.ladder[i + 1 if (up or i == 0) and i + 1 < len(self.ladder) else max(0, i - 1)]
+        else:
+            self.k = best
 
     def report(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted,
