@@ -20,6 +20,18 @@ def model_file(name: str) -> Path:
     return store.resolve(name)
 
 
+def decode_steps(eng, prompt, tokens):
+    """Logits (len(tokens), n_vocab) after the prompt, then after each of tokens[:-1], one decode
+    step at a time."""
+    import numpy as np
+
+    eng.reset()
+    out = [eng.prefill(prompt)]
+    for t in tokens[:-1]:
+        out.append(eng.decode_one(t))
+    return np.stack(out)
+
+
 def reference_file(name: str) -> Path:
     p = REFERENCE / name
     if not p.exists():

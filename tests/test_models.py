@@ -22,7 +22,7 @@ import pytest
 
 from edgellm.runtime import Engine, RuntimeConfig
 
-from conftest import MODELS, model_file, reference_file
+from conftest import MODELS, decode_steps, model_file, reference_file
 
 # measured on AMD EPYC (Zen 5, avx512vnni path), max / median over all steps (gemma: ours 0.009 / 0.003
 # vs llama.cpp 0.863 / 0.274; see the closing note of issue 10 for all three):
@@ -45,15 +45,6 @@ def loaded(request):
     exact.close()
 
 
-def _decode_steps(eng, prompt, tokens):
-    """Logits after the prompt, then after each of tokens[:-1], one decode step at a time."""
-    eng.reset()
-    out = [eng.prefill(prompt)]
-    for t in tokens[:-1]:
-        out.append(eng.decode_one(t))
-    return np.stack(out)
-
-
 def test_prompt_ids_match(loaded):
     name, fast, _, ref = loaded
     for p in ref["prompts"]:
@@ -66,7 +57,7 @@ def test_teacher_forced_deviation_no_larger_than_llama_cpp(loaded):
     for p in ref["prompts"]:
         n = len(p["gen_ids"])
         ex = exact.prefill(p["prompt_ids"] + p["gen_ids"][:-1], all_logits=True)[len(p["prompt_ids"]) - 1:]
-        fa = _decode_steps(fast, p["prompt_ids"], p["gen_ids"])
+        fa = decode_steps(fast, p["prompt_ids"], p["gen_ids"])
         assert ex.shape == fa.shape == (n, ref["n_vocab"])
         for s, top5 in enumerate(p["top5_per_step"]):
             ids = [t for t, _ in top5]

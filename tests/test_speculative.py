@@ -13,7 +13,7 @@ from edgellm.runtime import Engine, RuntimeConfig, bench
 from edgellm.runtime.sampler import Sampler, SamplingParams
 from edgellm.runtime.speculative import Controller, NgramLookup, accept, probabilities
 
-from conftest import model_file
+from conftest import decode_steps, model_file
 from test_cli import run_cli
 
 
@@ -24,18 +24,10 @@ def qwen():
     e.close()
 
 
-def _decode_steps(eng, prompt, toks):
-    eng.reset()
-    out = [eng.prefill(prompt)]
-    for t in toks[:-1]:
-        out.append(eng.decode_one(t))
-    return np.stack(out)
-
-
 def test_a_verification_pass_gives_the_bits_of_decode_steps(qwen):
     prompt = qwen.tokenizer.encode("def add(a, b):\n    return")
     toks = [264, 488, 293, 198, 750, 1186, 2877, 11]
-    want = _decode_steps(qwen, prompt, toks)  # logits after the prompt and after each token
+    want = decode_steps(qwen, prompt, toks)  # logits after the prompt and after each token
     qwen.reset()
     first = qwen.prefill(prompt)
     got = qwen.verify(toks)  # one pass over all 8
@@ -45,7 +37,7 @@ def test_a_verification_pass_gives_the_bits_of_decode_steps(qwen):
 
 def test_rollback_then_decode_is_as_if_nothing_was_drafted(qwen):
     prompt = qwen.tokenizer.encode("x = [1, 2, 3]\nfor")
-    plain = _decode_steps(qwen, prompt, [856, 304, 279, 25])
+    plain = decode_steps(qwen, prompt, [856, 304, 279, 25])
     qwen.reset()
     qwen.prefill(prompt)
     n0 = len(qwen.tokens)
@@ -63,7 +55,7 @@ def test_rollback_across_gemma_ring_caches():
     try:
         prompt = list(np.random.default_rng(0).integers(1000, 200000, 600))
         toks = [1000, 2000, 3000, 4000]
-        plain = _decode_steps(eng, prompt, toks + [0])
+        plain = decode_steps(eng, prompt, toks + [0])
         eng.reset()
         eng.prefill(prompt)
         for bad in ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14]):  # rejected drafts, then the real token
