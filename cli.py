@@ -367,7 +367,7 @@ def bench(
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
         breakdown = rb.profile_decode(eng) if profile else None
-        speculative = rb.measure_speculative(eng, max(n_gen, 128), reps) if spec else None
+        speculative = rb.measure_speculative(eng, max(n_gen, 256), reps) if spec else None
     finally:
         eng.close()
     ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx)
@@ -393,7 +393,7 @@ def bench(
         typer.echo("llama.cpp: not measured (pip install llama-cpp-python to compare)")
     if speculative:
         typer.echo(f"speculative decoding ({', '.join(f'{k} {v}' for k, v in spec.items())}), greedy, "
-                   f"{max(n_gen, 128)} tokens, median of {reps}:")
+                   f"{max(n_gen, 256)} tokens, median of {reps}:")
         for name, r in speculative.items():
             typer.echo(f"  {name:<10} plain {r['plain_tokens_per_s']:6.1f} tok/s, speculative "
                        f"{r['speculative_tokens_per_s']:6.1f} ({r['speedup']:.2f}x), acceptance "
