@@ -154,6 +154,9 @@ def _load(model: str, rcfg, verbose: bool = False):
     if verbose:
         typer.echo(f"[{eng.config.arch}, {eng.config.n_layer} layers, ctx {eng.n_ctx}, "
                    f"{rcfg.threads} threads, kernels: {eng.backend}]", err=True)
+        if eng.draft_bytes:
+            typer.echo(f"draft model {rcfg.draft}: resident, ~{eng.draft_bytes / 1e6:,.0f} MB of --memory-budget "
+                       f"{rcfg.memory_budget / 1e6:,.0f} MB; the target gets the rest:", err=True)
         if eng.plan is not None:
             typer.echo(eng.plan.describe(), err=True)
     return eng
