@@ -64,7 +64,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
     )
 }
-DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # an instruct model with a chat template: `edgellm chat` answers
 
 
 def home() -> Path:

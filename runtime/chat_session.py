@@ -40,14 +40,22 @@ HELP = """commands:
 Ctrl+C stops a reply and keeps the conversation."""
 
 
+BASE_CAP = 256  # tokens a base model's reply may take unless /set max_tokens says otherwise
+
+
 class ChatSession:
-    """A conversation over an `LLM`: messages, settings, and the token ids already in the KV cache."""
+    """A conversation over an `LLM`: messages, settings, and the token ids already in the KV cache.
+
+    A base model (no chat template in its file) has no end-of-turn habit: its replies end at a
+    blank line or after BASE_CAP tokens (`/set max_tokens` replaces the cap)."""
 
     def __init__(self, llm: LLM, system: str | None = None, **sampling):
         self.llm = llm
         self.system = system or None
         self.messages: list[dict] = []      # user/assistant turns, oldest first (system kept apart)
         self.params = SamplingParams.from_kwargs(**sampling)
+        self.base = llm.chat_template.name != "model"
+        self.cap = BASE_CAP if self.base and self.params.max_tokens < 0 else None
         self._ids: list[int] = []           # the last prompt's ids + the tokens generated after it
         self.dropped = 0                    # turns dropped to fit the context by the last `reply`
 
@@ -72,6 +80,8 @@ class ChatSession:
         except ValueError:
             raise EdgeLLMError(f"{name}: '{value}' is not a {parse.__name__ if parse in (int, float) else 'number'}") from None
         self.params = dataclasses.replace(self.params, **{field: v})
+        if field == "max_tokens":
+            self.cap = None  # the user's limit replaces a base model's cap
         return self.params
 
     def conversation(self) -> list[dict]:
@@ -137,8 +147,8 @@ class ChatSession:
         try:
             ids = self._fit()
             kw = dataclasses.asdict(self.params)
-            kw["stop"] = self.params.stop + self.llm.chat_template.stop
-            kw["max_tokens"] = kw["max_tokens"] if kw["max_tokens"] > 0 else None
+            kw["stop"] = self.params.stop + self.llm.chat_template.stop + (("\n\n",) if self.base else ())
+            kw["max_tokens"] = self.cap or (kw["max_tokens"] if kw["max_tokens"] > 0 else None)
             events = self.llm.stream(ids, **kw)
         except BaseException:
             if self.messages and self.messages[-1]["role"] == "user":
@@ -201,6 +211,10 @@ def repl(session: ChatSession, out: TextIO | None = None, verbose: bool = False,
 
     if interactive:
         say(f"edgellm chat with {session.llm.model}. /help for commands, /bye or Ctrl+D to leave.")
+    if session.base:
+        say(f"[{session.llm.model} has no chat template (a base model): replies use the built-in "
+            f"{session.llm.chat_template.name} turn format and end at a blank line"
+            f"{f' or after {session.cap} tokens (/set max_tokens N)' if session.cap else ''}]")
     while True:
         try:
             text = _read_input(input, prompt, more)

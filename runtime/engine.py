@@ -333,26 +333,28 @@ class Engine:
         n = 0
         tokens = (self._speculative(logits, sampler, history, st) if self.proposer is not None
                   else self._plain(logits, sampler, history))
-        for tok in tokens if limit > 0 else ():
-            n += 1
-            now = time.perf_counter()
-            if n == 1:
-                st.ttft_s = now - t0
-            st.gen_tokens, st.gen_s = n, now - t_gen
-            st.ids.append(tok)
-            if self.tokenizer.is_eog(tok) and not params.ignore_eos:
-                text, _ = stops.feed(decoder.flush())
-                yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop")
-                break
-            text, hit = stops.feed(decoder.feed(tok))
-            if hit:
-                yield Event(tok, text, st.tokens_per_s, "stop")
-                break
-            if n >= limit:
-                text += stops.feed(decoder.flush())[0] + stops.flush()
-                yield Event(tok, text, st.tokens_per_s, "length")
-                break
-            yield Event(tok, text, st.tokens_per_s)
-        tokens.close()
-        st.gen_s = time.perf_counter() - t_gen
-        st.peak_rss_bytes = peak_rss_bytes()
+        try:
+            for tok in tokens if limit > 0 else ():
+                n += 1
+                now = time.perf_counter()
+                if n == 1:
+                    st.ttft_s = now - t0
+                st.gen_tokens, st.gen_s = n, now - t_gen
+                st.ids.append(tok)
+                if self.tokenizer.is_eog(tok) and not params.ignore_eos:
+                    text, _ = stops.feed(decoder.flush())
+                    yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop")
+                    break
+                text, hit = stops.feed(decoder.feed(tok))
+                if hit:
+                    yield Event(tok, text, st.tokens_per_s, "stop")
+                    break
+                if n >= limit:
+                    text += stops.feed(decoder.flush())[0] + stops.flush()
+                    yield Event(tok, text, st.tokens_per_s, "length")
+                    break
+                yield Event(tok, text, st.tokens_per_s)
+            st.gen_s = time.perf_counter() - t_gen
+        finally:  # also when the caller stops reading early: /stats sees real figures
+            tokens.close()
+            st.peak_rss_bytes = peak_rss_bytes()

@@ -168,3 +168,35 @@ def test_real_terminal_with_tmux():
         wait_for(name, lambda t: "EXITED 0" in t, 20)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def test_the_default_chat_answers_and_stops():
+    """`edgellm chat` with no model: an instruct model with its own chat template, whose reply ends
+    at its end of turn (not at the context's end), then /stats shows real figures and /bye leaves."""
+    from edgellm.loaders.store import DEFAULT_MODEL
+
+    model_file(DEFAULT_MODEL)
+    r = CliRunner().invoke(app, ["chat", "--temp", "0", "--ctx", "1024"],
+                           input="What is the capital of France? Answer in one word.\n/stats\n/bye\nnot read\n")
+    assert r.exit_code == 0, r.output
+    assert "Paris" in r.stdout and "no chat template" not in r.stdout
+    stats = next(ln for ln in r.stdout.splitlines() if ln.startswith("prompt: "))
+    n = int(stats.split("reply: ")[1].split()[0])
+    mb = float(stats.split("peak memory ")[1].split()[0].replace(",", ""))
+    assert n < 64 and mb > 100
+
+
+def test_a_base_model_is_named_and_its_replies_are_capped(llm):
+    """gemma3-270m's file has no chat template: the chat says so once, and a reply ends at a blank
+    line or after the cap, which /set max_tokens replaces."""
+    s, out = run_repl(llm, ["Write a long story about the sea.", "/stats"])
+    assert out.count("has no chat template (a base model)") == 1
+    s2 = ChatSession(llm, temperature=0)
+    assert s2.base and s2.cap == 256
+    s2.set("max_tokens", "12")
+    assert s2.cap is None
+    got = [ev for ev in s2.reply("Write a long story about the sea.")]
+    assert len(got) <= 12
+    s3 = ChatSession(llm, temperature=0)
+    got = [ev.token for ev in s3.reply("Write two paragraphs about the sea.")]
+    assert len(got) <= 256 and "\n\n" not in s3.messages[-1]["content"]

@@ -20,5 +20,5 @@ def test_ci_runs_readme_test_command():
 def test_first_command_uses_default_model():
     first = code_blocks((ROOT / "README.md").read_text())[0]
     assert first.startswith("pip install") and "edgellm" in first
-    # `edgellm chat` with no MODEL runs the default model, gemma3-270m
+    # `edgellm chat` with no MODEL runs the default model (loaders.store.DEFAULT_MODEL)
     assert "gemma3-270m" in first or first.endswith("edgellm chat")
