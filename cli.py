@@ -451,6 +451,49 @@ def chat(
         repl(ChatSession(llm, system, **sampling), verbose=verbose)
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(rt.DEFAULT_MODEL, help="catalog name or path to a GGUF file"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback unless an API key is set)"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require Authorization: Bearer KEY"),
+    api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="read the API key from a file"),
+    queue: int = typer.Option(8, "--queue", min=0, max=1024, help="requests that may wait while one generates"),
+    threads: Optional[str] = THREADS,
+    ctx: int = CTX,
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the server may use, e.g. 800M"),
+    draft: Optional[str] = DRAFT,
+    lookup: int = LOOKUP,
+    draft_max: int = DRAFT_MAX,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    from .runtime import server
+
+    if api_key_file:
+        try:
+            api_key = open(api_key_file, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise rt.EdgeLLMError(f"cannot read {api_key_file}: {e.strerror}") from None
+        if not api_key:
+            raise rt.EdgeLLMError(f"{api_key_file} is empty")
+    if not server.is_loopback(host) and not api_key:
+        raise rt.EdgeLLMError(f"refusing to listen on {host} without an API key: give --api-key or --api-key-file "
+                              "(or keep the default 127.0.0.1)")
+    try:
+        import uvicorn
+    except ImportError:
+        raise rt.EdgeLLMError("the server needs its extra: pip install 'edgellm[serve]'") from None
+    from .runtime.api import load
+
+    _resolve(model)
+    settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
+                **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max)}
+    with load(model, **settings) as llm:
+        app_ = server.create_app(llm, model, api_key=api_key, queue=queue)
+        typer.echo(f"edgellm serving {model} on http://{host}:{port}/v1 (Ctrl+C stops)", err=True)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 # ---- the LAN cluster (edgellm.runtime.cluster): `worker`, `keygen`, and --cluster on `run` ----
 
 

@@ -1,0 +1,285 @@
+"""`edgellm serve`: an OpenAI-compatible HTTP server over one loaded `LLM` (FastAPI + uvicorn,
+server-sent events by sse-starlette).
+
+    app = create_app(llm, "qwen2.5-coder-0.5b", api_key=None, queue=8)
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with "stream": true as SSE chunks
+ending in `data: [DONE]`), GET /v1/models, GET /health, POST /tokenize, POST /detokenize.
+Errors come in OpenAI's shape {"error": {"message", "type", "param", "code"}} with the right
+status: 400 bad request, 401 missing or wrong key, 404 unknown model or route, 413 body too
+large, 429 when the queue is full. One generation runs at a time (the LLM's lock); up to `queue`
+more wait, and a client that disconnects mid-stream stops its generation at the next token.
+
+Request fields: OpenAI's sampling fields (max_tokens / max_completion_tokens, temperature, top_p,
+stop, seed, presence_penalty, frequency_penalty) and llama.cpp's extras (top_k, min_p,
+repeat_penalty). Fields this server does not implement yet (tools, response_format, logprobs,
+n > 1) are refused with 400 naming them rather than ignored.
+"""
+
+import asyncio
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import EdgeLLMError
+
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_STOP = 8  # stop strings per request (OpenAI allows 4)
+
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
+             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+             "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty"}
+_IGNORED = {"model", "stream", "user", "stream_options", "n", "max_tokens", "max_completion_tokens",
+            "messages", "prompt", "echo"}
+_UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "response_format", "logprobs",
+                "top_logprobs", "logit_bias", "suffix", "best_of", "parallel_tool_calls"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+def _error_body(e: HTTPError) -> dict:
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+
+
+def _sampling(body: dict, n_ctx: int, n_prompt: int, default_max: int | None = None) -> dict:
+    """The LLM's sampling keywords from a request body, every value checked."""
+    bad = sorted(set(body) & _UNSUPPORTED)
+    if bad:
+        raise HTTPError(400, f"{', '.join(bad)}: not supported by this server yet", param=bad[0])
+    unknown = sorted(set(body) - _UNSUPPORTED - _IGNORED - set(_SAMPLING))
+    if unknown:
+        raise HTTPError(400, f"unknown field{'s' * (len(unknown) > 1)}: {', '.join(unknown)}", param=unknown[0])
+    if body.get("n", 1) != 1:
+        raise HTTPError(400, "n: only 1 choice per request is supported", param="n")
+    kw: dict[str, Any] = {}
+    for field, name in _SAMPLING.items():
+        v = body.get(field)
+        if v is None:
+            continue
+        if field == "stop":
+            v = [v] if isinstance(v, str) else v
+            if not isinstance(v, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in v) \
+                    or len(v) > MAX_STOP:
+                raise HTTPError(400, f"stop must be a string or at most {MAX_STOP} non-empty strings", param="stop")
+            v = tuple(v)
+        elif field == "seed":
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise HTTPError(400, "seed must be an integer", param="seed")
+            v = v % (1 << 63)
+        elif not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise HTTPError(400, f"{field} must be a number", param=field)
+        kw[name] = v
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    room = n_ctx - n_prompt
+    if limit is None and default_max is not None:
+        limit = min(default_max, room)
+    if limit is None:
+        kw["max_tokens"] = room
+    elif not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise HTTPError(400, "max_tokens must be a positive integer", param="max_tokens")
+    elif limit > room:
+        raise HTTPError(400, f"the prompt ({n_prompt} tokens) and max_tokens ({limit}) exceed the context of "
+                             f"{n_ctx} tokens", param="max_tokens", code="context_length_exceeded")
+    else:
+        kw["max_tokens"] = limit
+    return kw
+
+
+class _Admission:
+    """One generation at a time, up to `queue` waiting: a full queue answers 429 at once."""
+
+    def __init__(self, queue: int):
+        self.queue = queue
+        self.lock = threading.Lock()
+        self.count = 0  # running + waiting
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.count >= 1 + self.queue:
+                raise HTTPError(429, f"the server is busy: {self.count - 1} requests are waiting (queue {self.queue})",
+                                kind="rate_limit_error", code="queue_full")
+            self.count += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+
+
+def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8, max_body: int = MAX_BODY):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
+    gate = _Admission(queue)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, e: HTTPError):
+        return JSONResponse(_error_body(e), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request, e):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(_error_body(HTTPError(e.status_code, str(e.detail), kind)), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return JSONResponse(_error_body(HTTPError(400, "malformed request")), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):  # never a traceback to a client
+        return JSONResponse(_error_body(HTTPError(500, "internal error", "server_error")), status_code=500)
+
+    @app.middleware("http")
+    async def _auth_and_size(request: Request, call_next):
+        try:
+            if api_key is not None and request.url.path != "/health":
+                got = request.headers.get("authorization", "")
+                token = got[7:] if got.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), api_key.encode()):
+                    raise HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                    kind="authentication_error", code="invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > max_body):
+                raise HTTPError(413, f"the request body exceeds {max_body} bytes", code="body_too_large")
+        except HTTPError as e:
+            return JSONResponse(_error_body(e), status_code=e.status)
+        return await call_next(request)
+
+    async def _json(request: Request) -> dict:
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > max_body:
+                raise HTTPError(413, f"the request body exceeds {max_body} bytes", code="body_too_large")
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return body
+
+    def _model(body: dict) -> None:
+        m = body.get("model")
+        if m is not None and m != model_name:
+            raise HTTPError(404, f"the model '{m}' does not exist here; this server has '{model_name}'",
+                            param="model", code="model_not_found")
+
+    async def _complete(kind: str, body: dict, request: Request):
+        _model(body)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise HTTPError(400, "stream must be true or false", param="stream")
+        if kind == "chat":
+            messages = body.get("messages")
+            try:
+                ids = llm.chat_ids(messages)
+            except EdgeLLMError as e:
+                raise HTTPError(400, str(e), param="messages") from None
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise HTTPError(400, "prompt must be a non-empty string", param="prompt")
+            ids = llm.tokenize(prompt)
+        if not ids or len(ids) >= llm.n_ctx:
+            raise HTTPError(400, f"the prompt has {len(ids)} tokens; the context holds {llm.n_ctx}",
+                            code="context_length_exceeded")
+        kw = _sampling(body, llm.n_ctx, len(ids), None if kind == "chat" else 16)  # OpenAI's completions default
+        gate.enter()
+        try:
+            call = llm.create_chat_completion if kind == "chat" else llm.create_completion
+            arg = body["messages"] if kind == "chat" else ids
+            if not stream:
+                try:
+                    r = await run_in_threadpool(call, arg, model=model_name, **kw)
+                except EdgeLLMError as e:
+                    raise HTTPError(400, str(e)) from None
+                gate.leave()
+                return JSONResponse(r)
+            chunks = call(arg, stream=True, model=model_name, **kw)
+        except BaseException:
+            gate.leave()
+            raise
+        return EventSourceResponse(_sse(chunks, request, gate, iterate_in_threadpool), ping=15,
+                                   sep="\n")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _complete("chat", await _json(request), request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete("text", await _json(request), request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "edgellm"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json(request)
+        text = body.get("content")
+        if not isinstance(text, str):
+            raise HTTPError(400, "content must be a string", param="content")
+        add_special = body.get("add_special", False)
+        return {"tokens": llm.tokenize(text, add_bos=bool(add_special), special=True)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json(request)
+        toks = body.get("tokens")
+        n = llm.tokenizer.n_vocab
+        if not isinstance(toks, list) or len(toks) > llm.n_ctx * 4 or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n for t in toks):
+            raise HTTPError(400, f"tokens must be a list of token ids in [0, {n})", param="tokens")
+        return {"content": llm.detokenize(toks)}
+
+    return app
+
+
+async def _sse(chunks: Iterator[dict], request, gate: _Admission, iterate):
+    """The chunks as SSE data lines, then [DONE]; a disconnect closes the generation."""
+    try:
+        async for c in iterate(chunks):
+            if await request.is_disconnected():
+                break
+            yield {"data": json.dumps(c)}
+        else:
+            yield {"data": "[DONE]"}
+    except asyncio.CancelledError:
+        raise
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, _close, chunks)
+        gate.leave()
+
+
+def _close(chunks) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # a generation interrupted mid-step: nothing to report to a gone client
+            pass
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
