@@ -5,7 +5,10 @@ server-sent events by sse-starlette).
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with "stream": true as SSE chunks
-ending in `data: [DONE]`), GET /v1/models, GET /health, POST /tokenize, POST /detokenize.
+ending in `data: [DONE]`), GET /v1/models, GET /health, POST /tokenize, POST /detokenize,
+GET /metrics (Prometheus text: requests by route and status, tokens, queue depth, tokens/s), and
+ollama's POST /api/chat and /api/generate (NDJSON streams, durations in ns), GET /api/tags,
+POST /api/show, GET /api/version.
 Errors come in OpenAI's shape {"error": {"message", "type", "param", "code"}} with the right
 status: 400 bad request, 401 missing or wrong key, 404 unknown model or route, 413 body too
 large, 429 when the queue is full. One generation runs at a time (the LLM's lock); up to `queue`
@@ -18,9 +21,11 @@ n > 1) are refused with 400 naming them rather than ignored.
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,16 +118,37 @@ class _Admission:
             self.count -= 1
 
 
+class _Metrics:
+    """Prometheus series of one server (a registry of its own: tests run several servers)."""
+
+    def __init__(self, gate: "_Admission"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgellm_requests", "HTTP requests", ["route", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("edgellm_prompt_tokens", "prompt tokens processed", registry=self.registry)
+        self.tokens = Counter("edgellm_generated_tokens", "tokens generated", registry=self.registry)
+        self.speed = Gauge("edgellm_tokens_per_second", "generation speed of the last request", registry=self.registry)
+        depth = Gauge("edgellm_queue_depth", "requests waiting for the model", registry=self.registry)
+        depth.set_function(lambda: max(0, gate.count - 1))
+
+    def generation(self, st) -> None:
+        self.prompt_tokens.inc(st.prompt_tokens)
+        self.tokens.inc(st.gen_tokens)
+        self.speed.set(st.tokens_per_s)
+
+
 def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8, max_body: int = MAX_BODY):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from sse_starlette.sse import EventSourceResponse
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     gate = _Admission(queue)
+    metrics = _Metrics(gate)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, e: HTTPError):
@@ -154,8 +180,15 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             if length is not None and (not length.isdigit() or int(length) > max_body):
                 raise HTTPError(413, f"the request body exceeds {max_body} bytes", code="body_too_large")
         except HTTPError as e:
+            metrics.requests.labels(_route(request), str(e.status)).inc()
             return JSONResponse(_error_body(e), status_code=e.status)
-        return await call_next(request)
+        response = await call_next(request)
+        metrics.requests.labels(_route(request), str(response.status_code)).inc()
+        return response
+
+    def _route(request) -> str:  # a bounded label set, whatever paths clients send
+        p = request.url.path
+        return p if p in known else "other"
 
     async def _json(request: Request) -> dict:
         data = b""
@@ -209,12 +242,14 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
                 except EdgeLLMError as e:
                     raise HTTPError(400, str(e)) from None
                 gate.leave()
+                metrics.generation(llm.stats)
                 return JSONResponse(r)
             chunks = call(arg, stream=True, model=model_name, **kw)
         except BaseException:
             gate.leave()
             raise
-        return EventSourceResponse(_sse(chunks, request, gate, iterate_in_threadpool), ping=15,
+        done = (lambda: metrics.generation(llm.stats))
+        return EventSourceResponse(_sse(chunks, request, gate, iterate_in_threadpool, done), ping=15,
                                    sep="\n")
 
     @app.post("/v1/chat/completions")
@@ -233,6 +268,154 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- ollama ---
+
+    def _ollama_sampling(body: dict, n_prompt: int) -> dict:
+        opts = body.get("options") or {}
+        if not isinstance(opts, dict):
+            raise HTTPError(400, "options must be an object", param="options")
+        names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+        unknown = sorted(set(opts) - set(names) - {"num_predict", "num_ctx", "num_thread"})
+        if unknown:
+            raise HTTPError(400, f"unsupported options: {', '.join(unknown)}", param="options")
+        fields = {names[k]: v for k, v in opts.items() if k in names}
+        if "num_predict" in opts and opts["num_predict"] not in (None, -1):
+            fields["max_tokens"] = opts["num_predict"]
+        return _sampling(fields, llm.n_ctx, n_prompt)
+
+    async def _ollama(kind: str, request: Request):
+        body = await _json(request)
+        m = body.get("model")
+        if m is not None and m not in (model_name, model_name + ":latest"):
+            raise HTTPError(404, f"model '{m}' not found", code="model_not_found")
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise HTTPError(400, "stream must be true or false", param="stream")
+        if kind == "chat":
+            msgs = body.get("messages")
+            try:
+                ids = llm.chat_ids(msgs)
+            except EdgeLLMError as e:
+                raise HTTPError(400, str(e), param="messages") from None
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise HTTPError(400, "prompt must be a non-empty string", param="prompt")
+            raw = body.get("raw", False)
+            ids = llm.tokenize(prompt) if raw else llm.chat_ids(
+                ([{"role": "system", "content": body["system"]}] if isinstance(body.get("system"), str) else [])
+                + [{"role": "user", "content": prompt}])
+        if len(ids) >= llm.n_ctx:
+            raise HTTPError(400, f"the prompt has {len(ids)} tokens; the context holds {llm.n_ctx}")
+        kw = _ollama_sampling(body, len(ids))
+        stop = llm.chat_template.stop if (kind == "chat" or not body.get("raw")) else ()
+        if stop:
+            kw["stop"] = tuple(kw.get("stop", ())) + stop
+        gate.enter()
+        try:
+            events = llm.stream(ids, **kw)
+        except BaseException:
+            gate.leave()
+            raise
+        t0 = time.time()
+
+        def piece(text: str) -> dict:
+            head = {"model": model_name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            return head | ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"response": text})
+
+        def final(reason) -> dict:
+            st = llm.stats
+            metrics.generation(st)
+            return piece("") | {"done": True, "done_reason": reason or "stop",
+                                "total_duration": int((time.time() - t0) * 1e9), "load_duration": 0,
+                                "prompt_eval_count": st.prompt_tokens, "prompt_eval_duration": int(st.prompt_s * 1e9),
+                                "eval_count": st.gen_tokens, "eval_duration": int(st.gen_s * 1e9)}
+
+        def lines():
+            reason = None
+            with contextlib.closing(events):
+                for ev in events:
+                    reason = ev.finish_reason or reason
+                    if ev.text:
+                        yield piece(ev.text) | {"done": False}
+            yield final(reason)
+
+        if not stream:
+            def whole():
+                try:
+                    parts, last = [], None
+                    for d in lines():
+                        if d["done"]:
+                            last = d
+                        else:
+                            parts.append(d["message"]["content"] if kind == "chat" else d["response"])
+                    text = "".join(parts)
+                    return last | ({"message": {"role": "assistant", "content": text}} if kind == "chat"
+                                   else {"response": text})
+                finally:
+                    gate.leave()
+            return JSONResponse(await run_in_threadpool(whole))
+        gen = lines()
+
+        async def ndjson():
+            try:
+                async for d in iterate_in_threadpool(gen):
+                    if await request.is_disconnected():
+                        break
+                    yield json.dumps(d) + "\n"
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, _close, gen)
+                gate.leave()
+        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+
+    @app.post("/api/chat")
+    async def ollama_chat(request: Request):
+        return await _ollama("chat", request)
+
+    @app.post("/api/generate")
+    async def ollama_generate(request: Request):
+        return await _ollama("generate", request)
+
+    def _details() -> dict:
+        md = llm.metadata
+        return {"format": "gguf", "family": md.get("general.architecture", ""),
+                "parameter_size": str(md.get("general.size_label", "")),
+                "quantization_level": "Q4_K_M" if md.get("general.file_type") == 15 else str(md.get("general.file_type", ""))}
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        path = llm.info["path"]
+        import os
+        st = os.stat(path)
+        return {"models": [{"name": model_name, "model": model_name,
+                            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+                            "size": st.st_size, "digest": "", "details": _details()}]}
+
+    @app.post("/api/show")
+    async def ollama_show(request: Request):
+        body = await _json(request)
+        m = body.get("model", body.get("name"))
+        if m not in (model_name, model_name + ":latest"):
+            raise HTTPError(404, f"model '{m}' not found", code="model_not_found")
+        info = llm.info
+        return {"details": _details(), "template": llm.metadata.get("tokenizer.chat_template", ""),
+                "parameters": f"num_ctx {info['n_ctx']}",
+                "model_info": {"general.architecture": info["architecture"], "block_count": info["layers"]}}
+
+    @app.get("/api/version")
+    async def ollama_version():
+        from .. import __version__
+
+        return {"version": __version__}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -253,10 +436,11 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             raise HTTPError(400, f"tokens must be a list of token ids in [0, {n})", param="tokens")
         return {"content": llm.detokenize(toks)}
 
+    known = {r.path for r in app.routes}
     return app
 
 
-async def _sse(chunks: Iterator[dict], request, gate: _Admission, iterate):
+async def _sse(chunks: Iterator[dict], request, gate: _Admission, iterate, done):
     """The chunks as SSE data lines, then [DONE]; a disconnect closes the generation."""
     try:
         async for c in iterate(chunks):
@@ -264,6 +448,7 @@ async def _sse(chunks: Iterator[dict], request, gate: _Admission, iterate):
                 break
             yield {"data": json.dumps(c)}
         else:
+            done()
             yield {"data": "[DONE]"}
     except asyncio.CancelledError:
         raise

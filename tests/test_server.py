@@ -160,3 +160,36 @@ def test_serve_refuses_a_public_address_without_a_key():
 
     r = run_cli("serve", MODEL, "--host", "0.0.0.0")
     assert r.returncode != 0 and "without an API key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ollama_routes(srv):
+    base, llm = srv
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "messages": MSG, "options": {"temperature": 0, "num_predict": 8}}
+    with httpx.stream("POST", base + "/api/chat", json=body, headers=h, timeout=120) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(ln) for ln in r.iter_lines() if ln]
+    text = "".join(d["message"]["content"] for d in lines if not d["done"])
+    want = llm.create_chat_completion(MSG, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
+    last = lines[-1]
+    assert text == want and last["done"] and last["eval_count"] >= 1 and last["eval_duration"] > 0
+    whole = httpx.post(base + "/api/generate", headers=h, timeout=120, json={
+        "model": MODEL, "prompt": "def add(a, b):\n    return", "raw": True, "stream": False,
+        "options": {"temperature": 0, "num_predict": 6}}).json()
+    assert whole["done"] and whole["response"] == llm.generate("def add(a, b):\n    return", temperature=0, max_tokens=6)
+    assert httpx.get(base + "/api/tags", headers=h).json()["models"][0]["name"] == MODEL
+    assert httpx.post(base + "/api/show", json={"model": MODEL}, headers=h).json()["details"]["format"] == "gguf"
+    assert httpx.get(base + "/api/version", headers=h).json()["version"] == edgellm.__version__
+    assert httpx.post(base + "/api/chat", json={**body, "model": "llama9"}, headers=h).status_code == 404
+
+
+def test_metrics_count_requests_and_tokens(srv):
+    base, _ = srv
+    h = {"Authorization": f"Bearer {KEY}"}
+    _client(base).chat.completions.create(model=MODEL, messages=MSG, temperature=0, max_tokens=3)
+    httpx.get(base + "/no/such/route/" + "x" * 50, headers=h)
+    text = httpx.get(base + "/metrics", headers=h).text
+    assert 'edgellm_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'route="other",status="404"' in text and "/no/such" not in text
+    gen = next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("edgellm_generated_tokens_total"))
+    assert gen >= 3 and "edgellm_queue_depth 0.0" in text
