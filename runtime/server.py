@@ -210,17 +210,23 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             raise HTTPError(404, f"the model '{m}' does not exist here; this server has '{model_name}'",
                             param="model", code="model_not_found")
 
-    async def _complete(kind: str, body: dict, request: Request):
-        _model(body)
-        stream = body.get("stream", False)
+    def _stream_flag(body: dict, default: bool) -> bool:
+        stream = body.get("stream", default)
         if not isinstance(stream, bool):
             raise HTTPError(400, "stream must be true or false", param="stream")
+        return stream
+
+    def _chat_ids(messages) -> list[int]:
+        try:
+            return llm.chat_ids(messages)
+        except EdgeLLMError as e:
+            raise HTTPError(400, str(e), param="messages") from None
+
+    async def _complete(kind: str, body: dict, request: Request):
+        _model(body)
+        stream = _stream_flag(body, False)
         if kind == "chat":
-            messages = body.get("messages")
-            try:
-                ids = llm.chat_ids(messages)
-            except EdgeLLMError as e:
-                raise HTTPError(400, str(e), param="messages") from None
+            ids = _chat_ids(body.get("messages"))
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -297,21 +303,15 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
         m = body.get("model")
         if m is not None and m not in (model_name, model_name + ":latest"):
             raise HTTPError(404, f"model '{m}' not found", code="model_not_found")
-        stream = body.get("stream", True)
-        if not isinstance(stream, bool):
-            raise HTTPError(400, "stream must be true or false", param="stream")
+        stream = _stream_flag(body, True)
         if kind == "chat":
-            msgs = body.get("messages")
-            try:
-                ids = llm.chat_ids(msgs)
-            except EdgeLLMError as e:
-                raise HTTPError(400, str(e), param="messages") from None
+            ids = _chat_ids(body.get("messages"))
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str) or not prompt:
                 raise HTTPError(400, "prompt must be a non-empty string", param="prompt")
             raw = body.get("raw", False)
-            ids = llm.tokenize(prompt) if raw else llm.chat_ids(
+            ids = llm.tokenize(prompt) if raw else _chat_ids(
                 ([{"role": "system", "content": body["system"]}] if isinstance(body.get("system"), str) else [])
                 + [{"role": "user", "content": prompt}])
         if len(ids) >= llm.n_ctx:
