@@ -137,7 +137,7 @@ def rm(name: str = typer.Argument(..., help="cached model name")) -> None:
 
 
 def _runtime_config(threads, ctx, backend=None, n_batch=None, memory_budget=None, spec=None):
-    kw = {"n_ctx": ctx, **(spec or {})}
+    kw = {"n_ctx": ctx or 4096, "fit_ctx": ctx is None, **(spec or {})}
     if memory_budget:
         kw["memory_budget"] = memory_budget
     if threads is not None:
@@ -182,7 +182,8 @@ def _prompt_text(prompt: Optional[str], file: Optional[str]) -> str:
 
 THREADS = typer.Option(None, "--threads", "-t", help="CPU threads: a number 1-256, or auto (the default: "
                        "the cores this process may use, fewer while another program keeps one busy)")
-CTX = typer.Option(4096, "--ctx", "-c", min=1, help="context length (bounded by the model's)")
+CTX = typer.Option(None, "--ctx", "-c", min=1, help="context length (default 4096, bounded by the model's; "
+                   "under --memory-budget the longest that fits, down to 256)")
 DRAFT = typer.Option(None, "--draft", help="speculative decoding: a smaller model with the same vocabulary "
                      "(e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
 LOOKUP = typer.Option(0, "--lookup", min=0, max=16, help="speculative decoding without a model: propose what "

@@ -12,7 +12,9 @@ from .planner import (BudgetError, Plan, fmt, full_memory, measure_baseline, mem
                       parse_size, plan)
 from .stream import StreamingWeights
 
-__all__ = ["BudgetError", "Plan", "StreamingWeights", "auto_budget", "parse_size", "plan_for"]
+__all__ = ["BudgetError", "Plan", "StreamingWeights", "auto_budget", "fit_context", "parse_size", "plan_for"]
+
+CTX_FLOOR = 256  # the shortest context auto-fit chooses
 
 
 def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None,
@@ -23,6 +25,32 @@ def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window
     n_ctx = min(n_ctx, cfg.n_ctx_train)
     p = plan(budget, sizes, n_ctx, n_batch, baseline=measure_baseline(), threads=threads, window=window)
     return p, sizes.units
+
+
+def fit_context(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, row_align=None,
+                baseline: int | None = None) -> int:
+    """The longest context up to n_ctx (a multiple of 256, at least CTX_FLOOR) whose plan fits
+    `budget`; BudgetError (naming the minimum) when not even the floor fits. `baseline`: the
+    process's own memory (default: measured now)."""
+    sizes = model_sizes(f, cfg, row_align)
+    base = measure_baseline() if baseline is None else baseline
+    n_ctx = min(n_ctx, cfg.n_ctx_train)
+
+    def fits(n):
+        try:
+            plan(budget, sizes, n, min(n_batch, n), baseline=base, threads=threads)
+            return True
+        except BudgetError:
+            return False
+    if fits(n_ctx):
+        return n_ctx
+    lo, hi = CTX_FLOOR // 256, n_ctx // 256  # in units of 256 tokens
+    if not fits(lo * 256):
+        plan(budget, sizes, lo * 256, min(n_batch, lo * 256), baseline=base, threads=threads)  # raises
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * 256) else (lo, mid)
+    return lo * 256
 
 
 def auto_budget(f, cfg, n_ctx: int, n_batch: int, quiet: bool = False) -> int | None:

@@ -42,7 +42,8 @@ def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LL
 
     Settings are `RuntimeConfig`'s fields: `threads`, `ctx` (or `n_ctx`), `n_batch`, `backend`, `cluster`
     (a list of "host:port" workers), `cluster_key`, ...; and `memory_budget` (bytes, or a size such as
-    "400M" or "1.5G": weights that do not fit stream from disk). Unknown or bad settings raise
+    "400M" or "1.5G": weights that do not fit stream from disk; without a `ctx` the context is the
+    longest up to 4096 that fits, down to 256). Unknown or bad settings raise
     `ValueError` naming them.
     `progress(stage, done_bytes, total_bytes)` is called while a catalog model is downloaded.
     """
@@ -57,6 +58,10 @@ def _runtime_config(settings: dict) -> RuntimeConfig:
         raise InvalidArgument(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
                               f"known: {', '.join(sorted(known | {'ctx'}))}")
     kw = dict(settings)
+    if kw.get("ctx") is None and kw.get("n_ctx") is None:  # no context asked for: fit a memory budget
+        kw.pop("ctx", None)
+        kw.pop("n_ctx", None)
+        kw.setdefault("fit_ctx", True)
     if "ctx" in kw:
         if "n_ctx" in kw:
             raise InvalidArgument("give ctx or n_ctx, not both")

@@ -92,6 +92,7 @@ class RuntimeConfig:
     cluster_split: tuple[float, ...] = ()  # share weights: this node first, then each worker
     cluster_timeout: float = 5.0  # seconds without an expected message before a node counts as lost
     memory_budget: int | str | None = None  # bytes (or "400M", "1.5G") the process may use; None: all it needs
+    fit_ctx: bool = False  # under a memory budget, shrink n_ctx (to 256 at least) to fit rather than refuse
     draft: str | None = None  # speculative decoding: a smaller model of the same vocabulary (name or path)
     lookup: int = 0  # speculative decoding without a model: match the last N tokens (0: off)
     draft_max: int = 8  # tokens proposed per target pass, at most (adapted to the acceptance)

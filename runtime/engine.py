@@ -102,6 +102,7 @@ class Engine:
             self.proposer, rcfg = self._proposer(rcfg)
             self.rcfg = rcfg
             self.plan, units = self._plan(rcfg)  # a memory budget: offload/ streams what does not fit
+            rcfg = self.rcfg  # (with the context fitted to the budget, when rcfg.fit_ctx)
             if self.plan is not None:
                 rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
             kern = select_kernels(rcfg.backend, rcfg.threads)
@@ -182,6 +183,14 @@ class Engine:
             return None, None
         from ..kernels_cpu.qmatmul import tile_rows
 
+        if rcfg.fit_ctx:  # no context asked for: the longest that fits, said in one line
+            n = offload.fit_context(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
+                                    row_align=tile_rows)
+            if n < min(rcfg.n_ctx, self.config.n_ctx_train):
+                import sys
+                print(f"edgellm: a context of {rcfg.n_ctx} tokens does not fit a memory budget of "
+                      f"{offload.fmt(budget)}; using {n} (--ctx sets it)", file=sys.stderr)
+                rcfg = self.rcfg = replace(rcfg, n_ctx=n, n_batch=min(rcfg.n_batch, n))
         return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
                                 row_align=tile_rows)
 

@@ -218,3 +218,41 @@ def test_greedy_tokens_under_a_hard_limit_equal_the_unbudgeted_run():
     assert len(a["ids"]) == 16
     assert a["bytes_read"] > 16 * 200 * MB and a["io_wait_s"] >= 0 and a["compute_s"] > 0
     assert b["bytes_read"] == 0
+
+
+def test_without_a_ctx_the_context_shrinks_to_fit_the_budget():
+    """qwen2.5-coder-1.5b at 300 MB (with the planner's fixed process baseline): 4096 tokens do not fit (the planner refuses them), the longest
+    multiple of 256 that does is chosen; a budget that fits 4096 keeps it; one that fits not even
+    256 tokens is refused, naming the minimum."""
+    from edgellm import offload
+    from edgellm.runtime.config import ModelConfig
+
+    f = GGUFFile(model_file("qwen2.5-coder-1.5b"))
+    try:
+        cfg = ModelConfig.read(f)
+        s = P.model_sizes(f, cfg, G.tile_rows)
+        base = P.BASELINE  # (a process that loaded other models measures more)
+        budget = 300 * MB
+        with pytest.raises(P.BudgetError):
+            P.plan(budget, s, n_ctx=4096, n_batch=512, baseline=base)
+        n = offload.fit_context(f, cfg, 4096, 512, 2, budget, row_align=G.tile_rows, baseline=base)
+        assert 256 <= n < 4096 and n % 256 == 0
+        P.plan(budget, s, n_ctx=n, n_batch=512, baseline=base)  # fits
+        with pytest.raises(P.BudgetError):
+            P.plan(budget, s, n_ctx=n + 256, n_batch=512, baseline=base)  # the next step up does not
+        assert offload.fit_context(f, cfg, 4096, 512, 2, 2000 * MB, row_align=G.tile_rows, baseline=base) == 4096
+        with pytest.raises(P.BudgetError, match="the minimum is"):
+            offload.fit_context(f, cfg, 4096, 512, 2, 200 * MB, row_align=G.tile_rows, baseline=base)
+    finally:
+        f.close()
+
+
+def test_run_without_ctx_says_which_context_it_chose():
+    from test_cli import run_cli
+
+    model_file("qwen2.5-coder-1.5b")
+    r = run_cli("run", "qwen2.5-coder-1.5b", "def add(a, b):", "-n", "2", "--temp", "0", "--memory-budget", "400M")
+    assert r.returncode == 0, r.stderr
+    assert "does not fit a memory budget of 400 MB; using" in r.stderr and "(--ctx sets it)" in r.stderr
+    r = run_cli("run", "qwen2.5-coder-1.5b", "hi", "-n", "2", "--memory-budget", "400M", "--ctx", "4096")
+    assert r.returncode != 0 and "lower --ctx" in r.stderr and "Traceback" not in r.stderr
