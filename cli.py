@@ -188,14 +188,16 @@ DRAFT = typer.Option(None, "--draft", help="speculative decoding: a smaller mode
                      "(e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
 LOOKUP = typer.Option(0, "--lookup", min=0, max=16, help="speculative decoding without a model: propose what "
                       "followed the last N tokens earlier in the prompt or output (e.g. 3)")
-DRAFT_MAX = typer.Option(8, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (adapted to "
-                         "the acceptance rate)")
+DRAFT_MAX = typer.Option(8, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (the length "
+                         "used is the one measured fastest)")
 
 
 def _speculative(draft: Optional[str], lookup: int, draft_max: int) -> dict:
     if draft:
         _resolve(draft)  # fetch with a progress bar first
-    return {k: v for k, v in (("draft", draft), ("lookup", lookup)) if v} | ({"draft_max": draft_max} if draft or lookup else {})
+    if not draft and not lookup:
+        return {}
+    return {k: v for k, v in (("draft", draft), ("lookup", lookup)) if v} | {"draft_max": draft_max}
 
 
 def _spec_line(spec: Optional[dict]) -> str:

@@ -95,7 +95,7 @@ class RuntimeConfig:
     fit_ctx: bool = False  # under a memory budget, shrink n_ctx (to 256 at least) to fit rather than refuse
     draft: str | None = None  # speculative decoding: a smaller model of the same vocabulary (name or path)
     lookup: int = 0  # speculative decoding without a model: match the last N tokens (0: off)
-    draft_max: int = 8  # tokens proposed per target pass, at most (adapted to the acceptance)
+    draft_max: int = 8  # tokens proposed per target pass, at most (the length used is the fastest measured)
 
     @property
     def max_threads(self) -> int:
