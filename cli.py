@@ -105,10 +105,18 @@ def show(
     model: str = typer.Argument(rt.DEFAULT_MODEL, help="catalog name or path to a GGUF file"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="context length for the memory estimate"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="also print the plan for this "
+                                                "budget, e.g. 400M (without --ctx: the context that fits)"),
 ) -> None:
     """Show a model's architecture, size, quantization mix and estimated memory."""
-    info = rt.describe_model(_resolve(model), n_ctx=ctx)
+    path = _resolve(model)
+    info = rt.describe_model(path, n_ctx=ctx)
+    plan = _show_plan(path, ctx, memory_budget) if memory_budget else None
     if as_json:
+        if plan:
+            info["memory_plan"] = {"budget_bytes": plan[1].budget, "n_ctx": plan[0], "parts": plan[1].parts,
+                                   "resident_units": len(plan[1].resident), "streamed_units": len(plan[1].streamed),
+                                   "bytes_read_per_token": plan[1].stream_bytes, "window": plan[1].window}
         typer.echo(json.dumps(info))
         return
     rows = [
@@ -127,6 +135,28 @@ def show(
     ]
     for k, v in rows:
         typer.echo(f"{k:<17}{v}")
+    if plan:
+        typer.echo(f"context {plan[0]} tokens" + ("" if ctx else " (the longest up to 4096 that fits, with this "
+                                                            "process's memory; `run` measures its own)"))
+        typer.echo(plan[1].describe())
+
+
+def _show_plan(path, ctx: Optional[int], budget: str):
+    """(n_ctx, offload Plan) of `run --memory-budget` for this model, without loading it."""
+    from . import offload
+    from .kernels_cpu.qmatmul import tile_rows
+    from .loaders.gguf import GGUFFile
+    from .runtime.model import model_class
+
+    rcfg = _runtime_config(None, ctx, memory_budget=budget)
+    with GGUFFile(path) as f:
+        cfg = model_class(f.metadata.get("general.architecture")).config(f)
+        n = rcfg.n_ctx
+        if rcfg.fit_ctx:
+            n = offload.fit_context(f, cfg, n, rcfg.n_batch, rcfg.max_threads, rcfg.memory_budget, row_align=tile_rows)
+        p, _ = offload.plan_for(f, cfg, n, min(rcfg.n_batch, n), rcfg.max_threads, rcfg.memory_budget,
+                                row_align=tile_rows)
+    return n, p
 
 
 @app.command()

@@ -256,3 +256,16 @@ def test_run_without_ctx_says_which_context_it_chose():
     assert "does not fit a memory budget of 400 MB; using" in r.stderr and "(--ctx sets it)" in r.stderr
     r = run_cli("run", "qwen2.5-coder-1.5b", "hi", "-n", "2", "--memory-budget", "400M", "--ctx", "4096")
     assert r.returncode != 0 and "lower --ctx" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_show_prints_the_plan_for_a_budget():
+    from test_cli import run_cli
+
+    model_file("qwen2.5-coder-1.5b")
+    r = run_cli("show", "qwen2.5-coder-1.5b", "--memory-budget", "400M", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["memory_plan"]
+    assert 256 <= p["n_ctx"] < 4096 and p["n_ctx"] % 256 == 0 and p["budget_bytes"] == 400 * MB
+    assert sum(p["parts"].values()) <= 400 * MB and p["streamed_units"] > 0
+    r = run_cli("show", "qwen2.5-coder-1.5b", "--memory-budget", "400M", "--ctx", "4096")
+    assert r.returncode != 0 and "lower --ctx" in r.stderr and "Traceback" not in r.stderr
