@@ -129,8 +129,8 @@ def _draw(sampler: Sampler, ids: np.ndarray, p: np.ndarray) -> int:
 
 class Controller:
     """How many tokens to propose next, chosen by what each choice has delivered in this run:
-    an exponential average of tokens emitted per second (proposal and target pass) for each draft length in
-    a ladder (0, 1, 2, 4, 8, ... up to k_max), each tried once, then the best, with a neighbour
+    an exponential average of tokens emitted per second (proposal and target pass) for each draft
+    length in a ladder (0, 1, 2, 4, 8, ... up to k_max), each tried once, then the best, with a neighbour
     tried every PROBE passes (acceptance changes along a generation: a copied stretch, then new
     text). 0 is plain decoding, so a proposer that does not pay is not used. Counts for -v/--json."""
 
@@ -150,7 +150,10 @@ class Controller:
         self.accepted += n_ok
         self.passes += 1
         r = (n_ok + 1) / max(seconds, 1e-9)
-        self.rate[k] = r if k not in self.rate else 0.7 * self.rate[k] + 0.3 * r
+        if k in self.ladder:  # (near the end of the context k can be cut to another length)
+            self.rate[k] = r if k not in self.rate else 0.7 * self.rate[k] + 0.3 * r
+        if not self.rate:
+            return
         untried = [c for c in reversed(self.ladder) if c not in self.rate]
         best = max(self.rate, key=self.rate.get)
         if untried:
