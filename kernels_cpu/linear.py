@@ -6,8 +6,8 @@
 
 | backend | products                                                          | other ops            |
 |---------|-------------------------------------------------------------------|----------------------|
-| numba   | qmatmul: int8 decode on the CPU's dot-product instruction (simd), | ops (numba)          |
-|         | float32 tiles + BLAS for prompts, straight from GGUF bytes        |                      |
+| numba   | qmatmul: 15-bit activations as int8 parts on the CPU's dot-       | ops (numba)          |
+|         | product instruction (simd), any batch, straight from GGUF bytes   |                      |
 | numpy   | the exact path: dequantized float32 tiles + BLAS (qmatmul_ref)    | ops_ref (numpy)      |
 
 numba is the default; numpy is the accuracy oracle and the fallback where numba cannot run. The

@@ -34,6 +34,7 @@ from numba import njit
 from ..quant.ggml_types import GGMLType
 from . import simd, threads
 from .jit import specialize
+from .qmatmul_ref import dequantize_rows as _dequantize_ref
 from .qmatmul_rows import _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
 from .threads import ARGS, finish, take, voidptr
 
@@ -273,11 +274,9 @@ class _Plan:
 
 # ---- dequantization to float32 (every other type) -----------------------------------------------
 
-def dequantize_rows(w: Weight, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows [r0, r1) of w -> float32 (r1 - r0, K), the GGUF values."""
-    from .qmatmul_dq import dequantize_rows as dq
-
-    return dq(w.raw, w.ggml_type, w.k, r0, r1, out)
+def dequantize_rows(w: Weight) -> np.ndarray:
+    """w -> float32 (N, K), the GGUF values (the numpy reference, quant/)."""
+    return _dequantize_ref(w.raw, w.ggml_type, w.k)
 
 
 # ---- the public functions -----------------------------------------------------------------------

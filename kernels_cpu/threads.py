@@ -3,7 +3,6 @@
     configure(2)          # a fixed count (the calling thread is one of them)
     configure("auto")     # the default: at most the CPUs this process may use, adapted per call
     run_kernel(task, write_args, n, work, alone)   # task(board, epoch) runs on every thread of the call
-    run_python(job, n, work, task)                 # job(i) per item, for Python work (BLAS tiles)
 
 Work is a list of n items; a kernel takes them one at a time from the board (`take`/`finish`
 below, atomic), so a thread the OS preempts delays only the item it holds, not a
@@ -79,7 +78,7 @@ EPOCH, NEXT, DONE, NITEMS, KIND, NWORK, TEPOCH = 0, 1, 2, 3, 4, 5, 6
 SLEEP = 8  # SLEEP + i: worker i sleeps on its queue
 ARGS = 32  # a task's arguments (addresses and sizes), written by its publisher
 BOARD = 64
-KERNEL, PYTHON, STOP, REST = 0, 1, 2, 3
+KERNEL, STOP, REST = 0, 2, 3
 
 
 @njit(cache=True, nogil=True)
@@ -195,7 +194,7 @@ def _await_epoch(board, seen, spins):
 def _idle_loop(board, i, seen, spins):
     """A worker between calls: run kernel tasks (the global kernel_task of this copy, see
     idle_loop) as they are posted (no Python, no GIL), return (epoch, kind) for a task it cannot
-    run here (PYTHON, STOP, REST), or (seen, -1) after `spins` polls with nothing new."""
+    run here (STOP, REST), or (seen, -1) after `spins` polls with nothing new."""
     while True:
         e = _await_epoch(board, seen, spins)
         if e == seen:
@@ -241,7 +240,6 @@ class _Pool:
         self.board = np.zeros(BOARD, np.int64)
         self.kernel_task = kernel_task
         self.loop = idle_loop(kernel_task)  # compiled here, before the threads start
-        self.task = None  # (epoch, Python fn(board, epoch)) of the current PYTHON task
         self.queues = [queue.SimpleQueue() for _ in range(n)]
         self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True, name=f"edgellm-kernel-{i}")
                         for i in range(n)]
@@ -250,14 +248,13 @@ class _Pool:
         for t in self.threads:
             t.start()
 
-    def post(self, kind: int, n_items: int, n_workers: int, write_args=None, fn=None) -> int:
+    def post(self, kind: int, n_items: int, n_workers: int, write_args=None) -> int:
         """Start a task; returns its epoch. write_args(board) writes a kernel task's arguments."""
         self.epoch += 1
         e = self.epoch
         atomic_add(self.board, TEPOCH, -int(self.board[TEPOCH]))  # the old arguments are invalid now
         if write_args is not None:
             write_args(self.board)
-        self.task = (e, fn)
         _begin(self.board, e, kind, n_items, n_workers)
         for i in range(n_workers):
             if atomic_add(self.board, SLEEP + i, 0):  # asleep: wake it
@@ -271,12 +268,6 @@ class _Pool:
             seen, kind = loop(board, i, seen, self.spins)
             if kind == STOP:
                 return
-            if kind == PYTHON:
-                e = seen
-                task = self.task
-                if task is not None and task[0] == e and i < board[NWORK]:
-                    task[1](board, e)
-                continue
             # REST, or nothing new for a while: sleep until woken
             atomic_add(board, SLEEP + i, 1)
             if atomic_add(board, EPOCH, 0) == seen:
@@ -387,32 +378,6 @@ def run_kernel(kernel_task, write_args, n_items: int, work: int, alone) -> None:
         pool = workers(kernel_task, _state["max"] - 1)
         e = pool.post(KERNEL, n_items, n - 1, write_args)
         kernel_task(pool.board, e)
-        pool.wait(n_items)
-    _record(n, work, time.perf_counter() - t0)
-
-
-def run_python(job, n_items: int, work: int, kernel_task) -> None:
-    """Call job(i) for each item on this thread and the workers (job should release the GIL:
-    BLAS, nogil kernels). kernel_task: the pool's kernel (the pool is shared)."""
-    n = max(1, min(_choose(work), n_items))
-    t0 = time.perf_counter()
-    if n == 1:
-        for i in range(n_items):
-            job(i)
-    else:
-        _state["last"] = n
-
-        def fn(board, e):
-            while True:
-                i = take(board, e)
-                if i < 0:
-                    return
-                job(i)
-                finish(board)
-
-        pool = workers(kernel_task, _state["max"] - 1)
-        e = pool.post(PYTHON, n_items, n - 1, fn=fn)
-        fn(pool.board, e)
         pool.wait(n_items)
     _record(n, work, time.perf_counter() - t0)
 

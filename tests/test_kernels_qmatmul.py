@@ -190,13 +190,6 @@ def test_auto_threads_stay_within_the_allowed_cpus():
     assert 1 <= threads.max_count() <= threads.allowed_cpus()
 
 
-@pytest.mark.parametrize("t", QTYPES + [T.F16, T.F32], ids=lambda t: t.name)
-def test_prefill_tiles_dequantize_to_the_gguf_values(t):
-    from edgellm.kernels_cpu.qmatmul_dq import dequantize_rows as dq
-    raw = random_raw(t, 50, 512, np.random.default_rng(int(t)))
-    assert np.array_equal(dq(raw, t, 512), dequantize_rows(raw, t, 512))
-
-
 def _thread_cpu_seconds(native_id: int) -> float:
     import os
     with open(f"/proc/self/task/{native_id}/stat") as f:
