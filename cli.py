@@ -220,6 +220,14 @@ LOOKUP = typer.Option(0, "--lookup", min=0, max=16, help="speculative decoding w
                       "followed the last N tokens earlier in the prompt or output (e.g. 3)")
 DRAFT_MAX = typer.Option(8, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (the length "
                          "used is the one measured fastest)")
+SPARSITY = typer.Option(0.0, "--sparsity", min=0.0, max=0.9, help="activation-sparse FFN: the fraction of weight "
+                        "reads a decoded token skips (0: dense; calibrated on first use, see `edgellm sparsify`)")
+SPARSITY_CALIB = typer.Option(None, "--sparsity-calib", help="calibration text for --sparsity (default: license "
+                              "texts and Python sources, never GPL-3)")
+
+
+def _sparse(sparsity: float, calib: Optional[str]) -> dict:
+    return {"sparsity": sparsity, **({"sparsity_calib": calib} if calib else {})} if sparsity else {}
 
 
 def _speculative(draft: Optional[str], lookup: int, draft_max: int) -> dict:
@@ -264,6 +272,8 @@ def run(
     draft: Optional[str] = DRAFT,
     lookup: int = LOOKUP,
     draft_max: int = DRAFT_MAX,
+    sparsity: float = SPARSITY,
+    sparsity_calib: Optional[str] = SPARSITY_CALIB,
 ) -> None:
     """Generate a continuation of PROMPT, streaming it to stdout."""
     text = _prompt_text(prompt, file)
@@ -271,7 +281,8 @@ def run(
                                repeat_penalty=repeat_penalty, seed=seed, max_tokens=n,
                                stop=tuple(stop), ignore_eos=ignore_eos)
     rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget,
-                                           spec=_speculative(draft, lookup, draft_max)), cluster, key, split,
+                                           spec=_speculative(draft, lookup, draft_max) | _sparse(sparsity, sparsity_calib)),
+                           cluster, key, split,
                            cluster_timeout)
     eng = _load(model, rcfg, verbose and not as_json)
     try:
@@ -295,6 +306,7 @@ def run(
                 "time_to_first_token_s": st.ttft_s, "peak_rss_bytes": st.peak_rss_bytes,
                 "compute_s": st.compute_s, "io_wait_s": st.io_wait_s, "bytes_read": st.bytes_read,
                 "speculative": st.speculative,
+                "sparsity": eng.model.sparse.describe() if getattr(eng.model, "sparse", None) else None,
             }))
         else:
             sys.stdout.write("\n")
@@ -342,10 +354,14 @@ def perplexity(
     as_json: bool = typer.Option(False, "--json", help='print {"ppl": float, "scored_tokens": int}'),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and the memory plan on stderr"),
+    sparsity: float = SPARSITY,
+    sparsity_calib: Optional[str] = SPARSITY_CALIB,
 ) -> None:
-    """Perplexity of FILE, scored as llama.cpp's llama-perplexity does."""
+    """Perplexity of FILE, scored as llama.cpp's llama-perplexity does (with --sparsity: every token as sparse
+    decode computes it)."""
     text = _prompt_text(None, file)
-    rcfg = _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget)
+    rcfg = _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget,
+                           spec=_sparse(sparsity, sparsity_calib))
     if rcfg.memory_budget:  # a chunk's logits are scored outside the model: leave room for them
         import dataclasses
 
@@ -364,10 +380,11 @@ def perplexity(
                 typer.echo(f"[{i}/{n}] {ppl:.4f}", err=True)
 
         r = rt.perplexity(eng, text, ctx, on_chunk=progress)
+        sparse_info = eng.model.sparse.describe() if getattr(eng.model, "sparse", None) else None
     finally:
         eng.close()
     if as_json:
-        typer.echo(json.dumps({"ppl": r.ppl, "scored_tokens": r.scored_tokens}))
+        typer.echo(json.dumps({"ppl": r.ppl, "scored_tokens": r.scored_tokens, "sparsity": sparse_info}))
     else:
         typer.echo(f"perplexity {r.ppl:.4f} over {r.scored_tokens} tokens ({r.n_chunks} chunks of {ctx})")
 
@@ -388,6 +405,8 @@ def bench(
     draft: Optional[str] = DRAFT,
     lookup: int = LOOKUP,
     draft_max: int = DRAFT_MAX,
+    sparsity: float = SPARSITY,
+    sparsity_calib: Optional[str] = SPARSITY_CALIB,
 ) -> None:
     """Measure prompt processing and generation speed (and llama.cpp's, when llama-cpp-python is installed)."""
     if target == "kernels":
@@ -398,12 +417,13 @@ def bench(
     n_ctx = max(1024, n_prompt + n_gen)
     spec = _speculative(draft, lookup, draft_max)
     rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget,
-                           spec=spec)
+                           spec=spec | _sparse(sparsity, sparsity_calib))
     eng = _load(target, rcfg)
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
         breakdown = rb.profile_decode(eng) if profile else None
         speculative = rb.measure_speculative(eng, max(n_gen, 256), reps) if spec else None
+        sparse = rb.measure_sparse(eng, max(n_gen, 128), reps) if sparsity else None
     finally:
         eng.close()
     ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx)
@@ -412,6 +432,8 @@ def bench(
         out["decode_ms_per_token_by_op"] = breakdown
     if speculative:
         out["speculative"] = speculative
+    if sparse:
+        out["sparsity"] = sparse
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -435,10 +457,54 @@ def bench(
                        f"{r['speculative_tokens_per_s']:6.1f} ({r['speedup']:.2f}x), acceptance "
                        f"{r.get('acceptance', 0):.0%}, {r['tokens']} tokens in {r.get('target_passes', 0)} "
                        f"passes, ids {'identical' if r['identical'] else 'DIFFER'}")
+    if sparse:
+        typer.echo(f"sparsity {sparse['sparsity']:.2f} (weight reads skipped per token; target {sparsity}), greedy "
+                   f"decode of {sparse['tokens']} tokens on {len(sparse['prompts'])} prompts, median of {reps}:")
+        for name, r in sparse["prompts"].items():
+            typer.echo(f"  {name:<10} dense {r['dense_tokens_per_s']:6.1f} tok/s, sparse {r['sparse_tokens_per_s']:6.1f} "
+                       f"({r['speedup']:.2f}x), neurons active {r['neurons_active']:.0%}, same greedy tokens as dense "
+                       f"for the first {r['agree']} of {r['tokens']}")
     if breakdown:
         typer.echo("decode, ms per token by op:")
         for k, v in breakdown.items():
             typer.echo(f"  {k:<22}{v:8.3f}")
+
+
+@app.command()
+def sparsify(
+    model: str = typer.Argument(..., help="catalog name or path to a GGUF file"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (default: license texts and Python "
+                                        "sources, never GPL-3)"),
+    sparsity: float = typer.Option(0.35, "--sparsity", min=0.0, max=0.9, help="show the per-layer allocation for "
+                                   "this fraction of weight reads skipped"),
+    force: bool = typer.Option(False, "--force", help="calibrate again even when a cached calibration exists"),
+    threads: Optional[str] = THREADS,
+    as_json: bool = typer.Option(False, "--json", help="print the calibration and the allocation as JSON"),
+) -> None:
+    """Calibrate activation sparsity for MODEL (cached; --sparsity in run/chat/bench/perplexity uses it)."""
+    from .runtime import sparsity as sp
+
+    eng = _load(model, _runtime_config(threads, 512))
+    try:
+        cal = sp.calibration(eng, calib, progress=sp.bar("calibrating sparsity"), force=force)
+        levels = cal.allocate(sparsity)
+        path = sp.cache_path(cal.model_sha256)
+    finally:
+        eng.close()
+    if as_json:
+        typer.echo(json.dumps({"cache": str(path), "calibration": cal.to_json(), "sparsity": sparsity,
+                               "skipped": cal.skipped(levels), "layers": [lv or 0.0 for lv in levels]}))
+        return
+    loc = cal.locality
+    typer.echo(f"calibrated on {cal.n_tokens} tokens; cached in {path}")
+    typer.echo(f"locality at neuron sparsity {loc['level']}: {loc['shared_with_previous_token']:.0%} of a token's "
+               f"active neurons were active for the previous token; the most active 20% of neurons carry "
+               f"{loc['activity_in_top_20pct_neurons']:.0%} of the activity")
+    typer.echo(f"--sparsity {sparsity}: {cal.skipped(levels):.1%} of weight reads skipped; per layer (neurons "
+               f"skipped, FFN output error at that level):")
+    for i, lv in enumerate(levels):
+        err = cal.err[i][sp.LEVELS.index(lv)] if lv else 0.0
+        typer.echo(f"  blk.{i:<3} {lv or 0.0:4.1f}  {err:8.4f}")
 
 
 def _bench_kernels(threads: Optional[str], as_json: bool) -> None:
@@ -467,6 +533,8 @@ def chat(
     draft: Optional[str] = DRAFT,
     lookup: int = LOOKUP,
     draft_max: int = DRAFT_MAX,
+    sparsity: float = SPARSITY,
+    sparsity_calib: Optional[str] = SPARSITY_CALIB,
 ) -> None:
     """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
     from .runtime.api import load
@@ -477,7 +545,7 @@ def chat(
     _resolve(model)  # fetch with a progress bar first
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}),
-                **_speculative(draft, lookup, draft_max)}
+                **_speculative(draft, lookup, draft_max), **_sparse(sparsity, sparsity_calib)}
     with load(model, **settings) as llm:
         if verbose:
             typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)
@@ -498,6 +566,8 @@ def serve(
     draft: Optional[str] = DRAFT,
     lookup: int = LOOKUP,
     draft_max: int = DRAFT_MAX,
+    sparsity: float = SPARSITY,
+    sparsity_calib: Optional[str] = SPARSITY_CALIB,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from .runtime import server
@@ -520,7 +590,8 @@ def serve(
 
     _resolve(model)
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
-                **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max)}
+                **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max),
+                **_sparse(sparsity, sparsity_calib)}
     with load(model, **settings) as llm:
         app_ = server.create_app(llm, model, api_key=api_key, queue=queue)
         typer.echo(f"edgellm serving {model} on http://{host}:{port}/v1 (Ctrl+C stops)", err=True)

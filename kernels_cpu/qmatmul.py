@@ -32,10 +32,10 @@ import numba
 from numba import njit
 
 from ..quant.ggml_types import GGMLType
-from . import simd, threads
+from . import simd, sparse, threads
 from .jit import specialize
 from .qmatmul_ref import dequantize_rows as _dequantize_ref
-from .qmatmul_rows import _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
+from .qmatmul_rows import NO_PREFETCH, _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
 from .threads import ARGS, finish, take, voidptr
 
 F32 = np.float32
@@ -131,6 +131,7 @@ def quantize_x(x: np.ndarray):
 
 _A_XQ, _A_XD, _A_XS, _A_X4, _A_OUT, _A_DESC, _A_IW, _A_IR = range(ARGS, ARGS + 16, 2)
 # (the items: item_w (n,) weight index, item_r (2, n) first and end row)
+_A_MODE, _A_SD = ARGS + 16, ARGS + 17  # 0: a product as above; 1: a sparse FFN (sparse.py) of descriptor sd
 
 
 @njit(cache=True, nogil=True)
@@ -143,6 +144,7 @@ def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
     board[_A_DESC], board[_A_DESC + 1] = desc.ctypes.data, desc.shape[0]
     board[_A_IW], board[_A_IW + 1] = item_w.ctypes.data, item_w.shape[0]
     board[_A_IR] = item_r.ctypes.data  # (2, n_items): first and end row
+    board[_A_MODE] = 0
 
 
 def _rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, c, m):
@@ -161,6 +163,13 @@ def _rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride
             r += 1
 
 
+def _rows_at(code, raw, idx, n, rb, nb, xq, xd, xs, x4n, kp, out, ostride):
+    """Rows idx[0 .. n - 1] (any order) against token 0 alone; row r's result at out[r]. (The
+    sparse FFN's decode: one call per chunk of neurons, since a call costs as much as a row.)"""
+    for j in range(n):
+        _row(code, raw, idx[j], rb, nb, xq, xd, xs, x4n, 0, kp, out, 0, ostride, 1, 1)
+
+
 def _row(code, raw, r, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, c, m):
     if code == Q4_K:
         _row_q4_k(raw, r * rb, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff + r, ostride, m, c, ISA)
@@ -174,6 +183,9 @@ def _row(code, raw, r, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, c, m
 
 def _task(board, epoch):
     """Take items of the task `epoch` from the board until none is left (see above)."""
+    if board[_A_MODE] == 1:
+        _ffn_task(board, epoch, board[_A_SD])
+        return
     t_n, kp = board[_A_XQ + 1], board[_A_XD + 1]
     n_out, n_w, n_items = board[_A_OUT + 1], board[_A_DESC + 1], board[_A_IW + 1]
     xq1 = numba.carray(voidptr(board[_A_XQ]), t_n * 2 * kp, np.int8)
@@ -217,7 +229,11 @@ def _task(board, epoch):
 def _compile(isa: int):
     name = simd.NAMES[isa]
     row = specialize(_row, name, {"inline": "always"}, ISA=isa)
-    return specialize(_task, name, _rows=specialize(_rows, name, _row=row, ISA=isa), ISA=isa)
+    rows = specialize(_rows, name, _row=row, ISA=isa)
+    tok = specialize(sparse._tok_rows, name, {"inline": "always"}, _row=row, _rows=rows)
+    at = specialize(_rows_at, name, _row=specialize(_row, name + "_npf", {"inline": "always"}, ISA=isa + NO_PREFETCH))
+    chunk = specialize(sparse._chunk, name, _tok_rows=tok, _rows_at=at)
+    return specialize(_task, name, _rows=rows, _ffn_task=specialize(sparse._ffn_task, name, _chunk=chunk), ISA=isa)
 
 
 _KERNELS: dict[int, object] = {}

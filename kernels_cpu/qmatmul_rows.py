@@ -49,14 +49,16 @@ def _row_intrinsic(body):
     the common signature (raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow,
     ntok, isa): nrow consecutive rows of rb bytes from raw[roff], nb blocks each, against tokens
     t0 .. t0 + ntok - 1 of x (K padded to kp); row i's result for token t goes to
-    out[t * ostride + ooff + i]. nrow, ntok and isa are literals: one copy each. A block's weights
+    out[t * ostride + ooff + i]. nrow, ntok and isa are literals: one copy each (isa + NO_PREFETCH: no
+    prefetch of the bytes after the row, for rows read in no order). A block's weights
     are unpacked once for all tokens and a token's activations loaded once for all rows; every
     (row, token) does the arithmetic it does alone: results do not depend on nrow or ntok."""
 
     def impl(typingctx, raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow, ntok, isa):
         if not all(isinstance(a, types.IntegerLiteral) for a in (nrow, ntok, isa)):
             return None
-        path, n_row, n_tok = isa.literal_value, nrow.literal_value, ntok.literal_value
+        path, n_row, n_tok = isa.literal_value % NO_PREFETCH, nrow.literal_value, ntok.literal_value
+        fetch = isa.literal_value < NO_PREFETCH
         sig = types.void(raw, roff, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, nrow, ntok, isa)
 
         def codegen(context, builder, sig, args):
@@ -77,7 +79,7 @@ def _row_intrinsic(body):
                 toks.append(dict(xq=builder.gep(xqp, [builder.mul(tk, _i64(2))]), xd=builder.gep(xdp, [nbx]),
                                  xs=builder.gep(xsp, [nbx]), x4n=builder.gep(x4p, [tk]), t=t))
             rows = [builder.gep(rawp, [builder.add(roff_, builder.mul(rb_, _i64(i)))]) for i in range(n_row)]
-            for i, vals in enumerate(body(builder, path, rows, nb_, toks)):
+            for i, vals in enumerate(body(builder, path, rows, nb_, toks, fetch)):
                 for tok, v in zip(toks, vals):
                     at = builder.add(builder.mul(tok["t"], ostride_), builder.add(ooff_, _i64(i)))
                     builder.store(v, builder.gep(outp, [at]))
@@ -105,6 +107,7 @@ def _fma_to(builder, slot, a, b):
 
 
 PREFETCH = 4096  # bytes ahead of the block being read that each block asks the memory for
+NO_PREFETCH = 100  # isa + NO_PREFETCH: the same kernel without it (rows read out of order: the sparse FFN's)
 
 
 def _prefetch(builder, blk, nbytes):
@@ -140,7 +143,7 @@ ZERO16 = const_vec(32, [0] * 16)
 
 
 @_row_intrinsic
-def _row_q4_k(builder, isa, rows, nb, toks):
+def _row_q4_k(builder, isa, rows, nb, toks, fetch):
     acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
     macc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
     low4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
@@ -155,7 +158,8 @@ def _row_q4_k(builder, isa, rows, nb, toks):
         blks, s8 = [], []
         for row, mr in zip(rows, macc):
             blk = builder.gep(row, [builder.mul(b, _i64(144))])
-            _prefetch(builder, blk, 144)
+            if fetch:
+                _prefetch(builder, blk, 144)
             d, dmin = f16_to_f32(builder, blk, _i64(0)), f16_to_f32(builder, blk, _i64(2))
             v = load_vec(builder, blk, _i64(4), vec(8, 16))  # the 12 scale bytes (and 4 of the quants)
             a = shuffle(builder, v, v, [0, 1, 2, 3, 8, 9, 10, 11])
@@ -185,7 +189,7 @@ def _row_q4_k(builder, isa, rows, nb, toks):
 
 
 @_row_intrinsic
-def _row_q6_k(builder, isa, rows, nb, toks):
+def _row_q6_k(builder, isa, rows, nb, toks, fetch):
     acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
 
     def c32(n):
@@ -199,7 +203,8 @@ def _row_q6_k(builder, isa, rows, nb, toks):
         blks, s16 = [], []
         for row in rows:
             blk = builder.gep(row, [builder.mul(b, _i64(210))])
-            _prefetch(builder, blk, 210)
+            if fetch:
+                _prefetch(builder, blk, 210)
             d = f16_to_f32(builder, blk, _i64(208))
             dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
             s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
@@ -227,7 +232,7 @@ def _row_q6_k(builder, isa, rows, nb, toks):
     return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
 
 
-def _pairs(builder, isa, rows, nb, toks, bytes_per_block, weights, signed_shift):
+def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
     weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
     signed_shift: the offset's log2 for unsigned quants (q - 2^shift)."""
@@ -243,7 +248,8 @@ def _pairs(builder, isa, rows, nb, toks, bytes_per_block, weights, signed_shift)
         for row, ar in zip(rows, acc):
             blk0 = builder.gep(row, [builder.mul(b0, _i64(bytes_per_block))])
             blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
-            _prefetch(builder, blk0, 2 * bytes_per_block)
+            if fetch:
+                _prefetch(builder, blk0, 2 * bytes_per_block)
             w0 = weights(blk0)
             w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
             w = concat(builder, w0, w1)
@@ -268,16 +274,16 @@ def _pairs(builder, isa, rows, nb, toks, bytes_per_block, weights, signed_shift)
 
 
 @_row_intrinsic
-def _row_q8_0(builder, isa, rows, nb, toks):
-    return _pairs(builder, isa, rows, nb, toks, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
+def _row_q8_0(builder, isa, rows, nb, toks, fetch):
+    return _pairs(builder, isa, rows, nb, toks, fetch, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
 
 
 @_row_intrinsic
-def _row_q5_0(builder, isa, rows, nb, toks):
+def _row_q5_0(builder, isa, rows, nb, toks, fetch):
     def weights(blk):
         qs = load_vec(builder, blk, _i64(6), vec(8, 16))
         e = concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
         qh = builder.load(builder.bitcast(builder.gep(blk, [_i64(2)]), ir.IntType(32).as_pointer()), align=1)
         fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), vec(8, 32))  # bit i: element i
         return builder.or_(e, builder.shl(fifth, const_vec(8, [4] * 32)))
-    return _pairs(builder, isa, rows, nb, toks, 22, weights, 4)
+    return _pairs(builder, isa, rows, nb, toks, fetch, 22, weights, 4)

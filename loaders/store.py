@@ -247,6 +247,30 @@ def _stamp_ok(path: Path, digest: str) -> bool:
     return fields == [digest, str(st.st_size), str(st.st_mtime_ns)]
 
 
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256: from its stamp when the stamp matches the file (catalog models), else
+    hashed (remembered for this process by path, size and mtime)."""
+    path = Path(path)
+    st = path.stat()
+    try:
+        fields = _stamp_path(path).read_text().split()
+        if fields[1:] == [str(st.st_size), str(st.st_mtime_ns)]:
+            return fields[0]
+    except (OSError, IndexError):
+        pass
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def verify(path: Path, digest: str) -> bool:
     """Hash a file and record the result; True when it matches `digest`."""
     h = hashlib.sha256()

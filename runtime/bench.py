@@ -241,3 +241,38 @@ def measure_speculative(engine, n_gen: int = 128, reps: int = 3) -> dict[str, An
         engine.proposer = prop
         engine.reset()
     return out
+
+
+def measure_sparse(engine, n_gen: int = 128, reps: int = 3) -> dict[str, Any]:
+    """Greedy generation (end-of-generation ignored) on each of PROMPTS, dense and with the
+    engine's sparse FFN (runtime/sparsity.py), alternating: tokens/s (medians), the share of
+    neurons computed, and for how many tokens the two agree."""
+    from .sampler import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n_gen, ignore_eos=True)
+    sparse = engine.model.sparse
+    out = {}
+    try:
+        for name in PROMPTS:
+            ids = prompt_ids(engine, name)
+            speeds, got = {"dense": [], "sparse": []}, {}
+            active = 0.0
+            for _ in range(reps):
+                for label, sp in (("dense", None), ("sparse", sparse)):
+                    engine.model.sparse = sp
+                    engine.reset()
+                    before = sparse.pairs.copy()
+                    got[label] = [e.token for e in engine.generate(ids, params)]
+                    speeds[label].append(engine.stats.tokens_per_s)
+                    if sp is not None:
+                        d = sparse.pairs - before
+                        active = float(d[0] / max(d[1], 1))
+            agree = next((i for i, (a, b) in enumerate(zip(got["dense"], got["sparse"])) if a != b),
+                         min(len(got["dense"]), len(got["sparse"])))
+            td, ts = statistics.median(speeds["dense"]), statistics.median(speeds["sparse"])
+            out[name] = {"dense_tokens_per_s": td, "sparse_tokens_per_s": ts, "speedup": ts / td,
+                         "neurons_active": active, "agree": agree, "tokens": len(got["sparse"])}
+    finally:
+        engine.model.sparse = sparse
+        engine.reset()
+    return {"sparsity": sparse.s, "layers": sparse.describe()["layers"], "tokens": n_gen, "prompts": out}

@@ -96,6 +96,8 @@ class RuntimeConfig:
     draft: str | None = None  # speculative decoding: a smaller model of the same vocabulary (name or path)
     lookup: int = 0  # speculative decoding without a model: match the last N tokens (0: off)
     draft_max: int = 8  # tokens proposed per target pass, at most (the length used is the fastest measured)
+    sparsity: float = 0.0  # activation-sparse FFN: the fraction of weight reads a decoded token skips (0: dense)
+    sparsity_calib: str | None = None  # the calibration text (a file); None: the built-in choice (runtime/sparsity.py)
 
     @property
     def max_threads(self) -> int:
@@ -121,6 +123,20 @@ class RuntimeConfig:
         _check_cluster(self)
         _check_budget(self)
         _check_speculative(self)
+        _check_sparsity(self)
+
+
+def _check_sparsity(c: RuntimeConfig) -> None:
+    from .sparsity import MAX_SPARSITY
+
+    s = c.sparsity
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= MAX_SPARSITY:
+        raise ConfigError(f"sparsity must be a fraction 0..{MAX_SPARSITY}, not {s!r}")
+    object.__setattr__(c, "sparsity", float(s))
+    if s and c.cluster:
+        raise ConfigError("sparsity does not run with a cluster yet")
+    if s and c.memory_budget is not None:
+        raise ConfigError("sparsity does not run under a memory budget yet (the sparse layout is resident)")
 
 
 def _check_cluster(c: RuntimeConfig) -> None:

@@ -128,6 +128,21 @@ class Engine:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
         self.n_written = 0  # highest position + 1 written since reset (an interrupted pass writes some)
         self.stats = Stats()
+        if rcfg.sparsity:
+            try:
+                self._sparsify(rcfg)
+            except BaseException:
+                self.close()
+                raise
+
+    def _sparsify(self, rcfg: RuntimeConfig) -> None:
+        """Install the activation-sparse FFN (runtime/sparsity.py), calibrating on first use."""
+        from . import sparsity
+
+        if self.plan is not None:
+            raise sparsity.SparsityError("sparsity does not run with streamed weights yet; give more memory")
+        cal = sparsity.calibration(self, rcfg.sparsity_calib, progress=sparsity.bar("calibrating sparsity"))
+        self.model.sparse = sparsity.Sparse(self.model, cal, rcfg.sparsity)
 
     @classmethod
     def load(cls, model: str, rcfg: RuntimeConfig | None = None, progress=None) -> "Engine":
@@ -156,7 +171,7 @@ class Engine:
             return None, rcfg
         from ..loaders.store import resolve
 
-        draft = Engine(resolve(rcfg.draft), replace(rcfg, draft=None, memory_budget=None))
+        draft = Engine(resolve(rcfg.draft), replace(rcfg, draft=None, memory_budget=None, sparsity=0.0))
         prop = sp.DraftModel(draft, self)  # refuses (and closes) a draft with another vocabulary
         if rcfg.memory_budget is None:
             return prop, rcfg

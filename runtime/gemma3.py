@@ -54,5 +54,4 @@ class Gemma3(Model):
         a = self.attention(i, q, k, v, positions, self.attn_scale(c.head_dim))
         x = x + self.norm(self.reduce(self.linear(a, b + "attn_output.weight")), b + "post_attention_norm.weight")
         h = self.norm(x, b + "ffn_norm.weight")
-        g = ops.gelu_tanh_gate(*self.linears(h, b + "ffn_gate.weight", b + "ffn_up.weight"))
-        return x + self.norm(self.reduce(self.linear(g, b + "ffn_down.weight")), b + "post_ffw_norm.weight")
+        return x + self.norm(self.reduce(self.ffn(i, h, ops.gelu_tanh_gate)), b + "post_ffw_norm.weight")

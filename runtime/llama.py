@@ -34,5 +34,4 @@ class Llama(Model):
         a = self.attention(i, q, k, v, positions, self.attn_scale(c.head_dim))  # (T, n_head * head_dim_v)
         x = x + self.reduce(self.linear(a, b + "attn_output.weight"))
         h = self.norm(x, b + "ffn_norm.weight")
-        g = ops.silu_gate(*self.linears(h, b + "ffn_gate.weight", b + "ffn_up.weight"))
-        return x + self.reduce(self.linear(g, b + "ffn_down.weight"))
+        return x + self.reduce(self.ffn(i, h, ops.silu_gate))

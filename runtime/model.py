@@ -42,6 +42,7 @@ class Model:
     """A transformer decoder over a weight store; `forward` runs a batch of consecutive tokens."""
 
     embd_scale = 1.0  # embeddings are multiplied by this (gemma: sqrt(n_embd))
+    sparse = None  # set from outside (runtime/sparsity.py): sparse(i, h) -> the FFN output, or None: dense
 
     def __init__(self, cfg: ModelConfig, rcfg: RuntimeConfig, weights, ops):
         self.cfg, self.rcfg, self.w, self.ops = cfg, rcfg, weights, ops
@@ -77,6 +78,16 @@ class Model:
             if self.w.has(bias):
                 y += self.w.vector(bias)
         return ys
+
+    def ffn(self, i: int, h: np.ndarray, gate) -> np.ndarray:
+        """Layer i's gated FFN of h (T, n_embd): down(gate(W_gate h, W_up h)), gate being ops'
+        silu_gate or gelu_tanh_gate; activation-sparse when `sparse` takes it."""
+        if self.sparse is not None:
+            y = self.sparse(i, h)
+            if y is not None:
+                return y
+        b = f"blk.{i}."
+        return self.linear(gate(*self.linears(h, b + "ffn_gate.weight", b + "ffn_up.weight")), b + "ffn_down.weight")
 
     def reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum partial results across tensor-parallel nodes (after attn_output and ffn_down); a

@@ -42,6 +42,18 @@ def perplexity(engine, text: str, n_ctx: int = 512,
     if n_chunks == 0:
         raise EdgeLLMError(f"the text has {len(ids)} tokens; perplexity needs at least {n_ctx} (one chunk)")
     first = n_ctx // 2
+    sparse = getattr(engine.model, "sparse", None)
+    if sparse is not None:  # every token scored as sparse decode computes it
+        sparse.all_tokens = True
+    try:
+        return _chunks(engine, ids, n_ctx, n_chunks, first, on_chunk)
+    finally:
+        if sparse is not None:
+            sparse.all_tokens = False
+
+
+def _chunks(engine, ids, n_ctx, n_chunks, first, on_chunk) -> PerplexityResult:
+    tok = engine.tokenizer
     nll, count, running = 0.0, 0, []
     for c in range(n_chunks):
         chunk = list(ids[c * n_ctx : (c + 1) * n_ctx])
