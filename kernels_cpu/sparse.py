@@ -29,7 +29,6 @@ module's row kernel `_row`; `ffn_ref` is the numpy reference.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba
@@ -92,10 +91,6 @@ class DownT:
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.qn, self.qh, self.sc, self.mn, self.d, self.dmin
-
-    def column_bytes(self) -> float:
-        """Bytes read per active neuron (its quants) and per neuron group (the scales)."""
-        return self.qn.shape[1] + self.qh.shape[1]
 
     def dequantize(self) -> np.ndarray:
         """float32 (E, F): the matrix (the reference; tests compare it with the GGUF rows)."""
@@ -176,6 +171,8 @@ def ffn_ref(x, w_gate, w_up, w_down, act: int, thr: float):
  S_UNB, S_DCODE, S_QN, S_QH, S_SC, S_MN, S_D, S_DMIN, S_E, S_F, S_THR, S_ACT, S_GBUF, S_UBUF, S_HBUF, S_PART,
  S_COUNT) = range(32)
 SD_LEN = 32
+# qmatmul's row kernels, given to the compiled copies of the functions below (jit.specialize)
+_row = _rows = _rows_at = None
 
 
 def _tok_rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t_n, kp, out, ostride):
