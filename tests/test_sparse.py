@@ -120,12 +120,12 @@ def engine(tmp_path_factory):
     from edgellm.runtime.config import RuntimeConfig
     from edgellm.runtime.engine import Engine
 
+    path = model_file("gemma3-270m")  # from the usual cache; calibrations go to a fresh one
     home = tmp_path_factory.mktemp("home")
     old = os.environ.get("EDGELLM_HOME")
     os.environ["EDGELLM_HOME"] = str(home)
     calib = home / "calib.txt"
     calib.write_text(CALIB)
-    path = model_file("gemma3-270m")
     try:
         eng = Engine(path, RuntimeConfig(threads=2, n_ctx=512, sparsity=0.1, sparsity_calib=str(calib)))
         yield eng, calib
