@@ -487,10 +487,15 @@ def sparsify(
     eng = _load(model, _runtime_config(threads, 512))
     try:
         cal = sp.calibration(eng, calib, progress=sp.bar("calibrating sparsity"), force=force)
-        levels = cal.allocate(sparsity)
         path = sp.cache_path(cal.model_sha256)
     finally:
         eng.close()
+    most = cal.max_skipped()
+    if sparsity > most:
+        typer.echo(f"--sparsity {sparsity} is beyond this model (at most {most:.0%} of a token's reads can be "
+                   f"skipped, every layer at neuron sparsity {sp.LEVELS[-1]}); showing {int(most * 100) / 100}", err=True)
+        sparsity = int(most * 100) / 100
+    levels = cal.allocate(sparsity)
     if as_json:
         typer.echo(json.dumps({"cache": str(path), "calibration": cal.to_json(), "sparsity": sparsity,
                                "skipped": cal.skipped(levels), "layers": [lv or 0.0 for lv in levels]}))

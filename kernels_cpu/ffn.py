@@ -38,15 +38,18 @@ class SparseFFN:
         for slot, a in zip((sparse.S_QN, sparse.S_QH, sparse.S_SC, sparse.S_MN, sparse.S_D, sparse.S_DMIN), down.arrays()):
             sd[slot] = a.ctypes.data
         sd[sparse.S_E], sd[sparse.S_F], sd[sparse.S_ACT] = self.e, self.f, self.act
-        self._bufs: dict[int, tuple] = {}  # T -> (gate, up, h (3, T F), part (C, T, E), count (C,))
+        self._bufs: dict[int, tuple] = {}  # T -> _buffers
 
     def _buffers(self, t_n: int):
+        """Per batch size: gate, up, h (3, T F), part (C, T, E), count (C,) and their addresses."""
         b = self._bufs.get(t_n)
         if b is None:
             if len(self._bufs) > 4:
                 self._bufs.clear()
-            b = self._bufs[t_n] = (np.empty((3, t_n * self.f), F32), np.empty((self.n_chunks, t_n, self.e), F32),
-                                   np.zeros(self.n_chunks, np.int64))
+            arrays = (np.empty((3, t_n * self.f), F32), np.empty((self.n_chunks, t_n, self.e), F32),
+                      np.zeros(self.n_chunks, np.int64))
+            addr = [arrays[0][i].ctypes.data for i in range(3)] + [a.ctypes.data for a in arrays[1:]]
+            b = self._bufs[t_n] = (*arrays, addr)
         return b
 
     def __call__(self, x: np.ndarray, thr: float, isa: int | None = None):
@@ -56,13 +59,12 @@ class SparseFFN:
             raise ValueError(f"sparse FFN: x has shape {x.shape}, expected (T, {self.k})")
         t_n = x.shape[0]
         xq, xd, xs, x4n = quantize_x(x)
-        bufs, part, count = self._buffers(t_n)
-        sd = self._sd.copy()
+        _, part, count, addr = self._buffers(t_n)
+        sd = self._sd  # (calls are sequential: the engine runs one pass at a time)
         sd[sparse.S_XQ:sparse.S_X4 + 1] = (xq.ctypes.data, t_n, xq.shape[1] // 2, xd.ctypes.data, xs.ctypes.data,
                                            x4n.ctypes.data)
         sd[sparse.S_THR] = int(np.float32(thr).view(np.int32))
-        sd[sparse.S_GBUF:sparse.S_COUNT + 1] = (bufs[0].ctypes.data, bufs[1].ctypes.data, bufs[2].ctypes.data,
-                                                part.ctypes.data, count.ctypes.data)
+        sd[sparse.S_GBUF:sparse.S_COUNT + 1] = addr
         task = kernel(isa)
 
         def write(board):

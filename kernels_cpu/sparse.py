@@ -350,7 +350,7 @@ def _chunk(c, sd):
     for t in range(t_n):
         _acts(gbuf[t * f + r0:t * f + r1], CHUNK, act, hbuf[t * f + r0:t * f + r1])
     n_on = 0
-    if t_n == 1:  # decode: the active rows of up in one call
+    if t_n == 1:  # decode: the active rows of up in one call, their bytes asked for first
         idx = np.empty(CHUNK, np.int64)
         for r in range(r0, r1):
             if abs(hbuf[r]) > thr:
@@ -359,7 +359,7 @@ def _chunk(c, sd):
             else:
                 hbuf[r] = F32(0.0)
         urb = sd[S_URB]
-        for j in range(n_on):  # every byte this chunk will read, asked for at once
+        for j in range(n_on):
             _prefetch(uraw, idx[j] * urb, urb)
             _prefetch(qn, idx[j] * (e // 2), e // 2)
             if code == 1:
@@ -367,19 +367,20 @@ def _chunk(c, sd):
         _rows_at(sd[S_UCODE], uraw, idx, n_on, urb, sd[S_UNB], xq, xd, xs, x4n, kp, ubuf, f)
         for j in range(n_on):
             hbuf[idx[j]] *= ubuf[idx[j]]
-    for r in range(r0, r1 if t_n > 1 else r0):
-        hit = False
-        for t in range(t_n):
-            if abs(hbuf[t * f + r]) > thr:
-                hit = True
-            else:
-                hbuf[t * f + r] = F32(0.0)
-        if hit:
-            _tok_rows(sd[S_UCODE], uraw, r, r + 1, sd[S_URB], sd[S_UNB], xq, xd, xs, x4n, t_n, kp, ubuf, f)
+    else:  # a batch: each active row of up against every token, each token keeping its own mask
+        for r in range(r0, r1):
+            hit = False
             for t in range(t_n):
-                if hbuf[t * f + r] != 0:
-                    hbuf[t * f + r] *= ubuf[t * f + r]
-                    n_on += 1
+                if abs(hbuf[t * f + r]) > thr:
+                    hit = True
+                else:
+                    hbuf[t * f + r] = F32(0.0)
+            if hit:
+                _tok_rows(sd[S_UCODE], uraw, r, r + 1, sd[S_URB], sd[S_UNB], xq, xd, xs, x4n, t_n, kp, ubuf, f)
+                for t in range(t_n):
+                    if hbuf[t * f + r] != 0:
+                        hbuf[t * f + r] *= ubuf[t * f + r]
+                        n_on += 1
     count[c] = n_on
 
     acc = np.empty(e, np.float32)

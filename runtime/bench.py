@@ -261,12 +261,11 @@ def measure_sparse(engine, n_gen: int = 128, reps: int = 3) -> dict[str, Any]:
                 for label, sp in (("dense", None), ("sparse", sparse)):
                     engine.model.sparse = sp
                     engine.reset()
-                    before = sparse.pairs.copy()
+                    before = list(sparse.pairs)
                     got[label] = [e.token for e in engine.generate(ids, params)]
                     speeds[label].append(engine.stats.tokens_per_s)
                     if sp is not None:
-                        d = sparse.pairs - before
-                        active = float(d[0] / max(d[1], 1))
+                        active = (sparse.pairs[0] - before[0]) / max(sparse.pairs[1] - before[1], 1)
             agree = next((i for i, (a, b) in enumerate(zip(got["dense"], got["sparse"])) if a != b),
                          min(len(got["dense"]), len(got["sparse"])))
             td, ts = statistics.median(speeds["dense"]), statistics.median(speeds["sparse"])

@@ -127,12 +127,13 @@ class RuntimeConfig:
 
 
 def _check_sparsity(c: RuntimeConfig) -> None:
-    from .sparsity import MAX_SPARSITY
+    from .sparsity import check_sparsity
 
-    s = c.sparsity
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= MAX_SPARSITY:
-        raise ConfigError(f"sparsity must be a fraction 0..{MAX_SPARSITY}, not {s!r}")
-    object.__setattr__(c, "sparsity", float(s))
+    try:
+        s = check_sparsity(c.sparsity)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    object.__setattr__(c, "sparsity", s)
     if s and c.cluster:
         raise ConfigError("sparsity does not run with a cluster yet")
     if s and c.memory_budget is not None:

@@ -141,6 +141,7 @@ class Engine:
 
         if self.plan is not None:
             raise sparsity.SparsityError("sparsity does not run with streamed weights yet; give more memory")
+        sparsity.check_model(self.model)
         cal = sparsity.calibration(self, rcfg.sparsity_calib, progress=sparsity.bar("calibrating sparsity"))
         self.model.sparse = sparsity.Sparse(self.model, cal, rcfg.sparsity)
 

@@ -47,9 +47,22 @@ class SparsityError(EdgeLLMError):
 
 
 def check_sparsity(s) -> float:
+    """s as a float; ValueError naming it unless it is a fraction 0..MAX_SPARSITY."""
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= MAX_SPARSITY:
         raise ValueError(f"sparsity must be a fraction 0..{MAX_SPARSITY}, not {s!r}")
     return float(s)
+
+
+def check_model(model) -> None:
+    """SparsityError unless the model's FFNs can run sparse (checked before any calibration)."""
+    w = model.w
+    b = "blk.0."
+    if not hasattr(w, "linear") or not all(hasattr(w.linear(b + n), "w") for n in ("ffn_gate.weight", "ffn_up.weight")):
+        raise SparsityError("sparsity needs the numba kernels (not --backend numpy) and resident weights")
+    down = w.f.info(b + "ffn_down.weight").type.name
+    if down not in ("Q4_K", "Q6_K") or model.cfg.n_ff % 256:
+        raise SparsityError(f"sparsity needs Q4_K or Q6_K down matrices of a multiple of 256 inputs "
+                            f"(this model: {down}, {model.cfg.n_ff})")
 
 
 # ---- calibration text --------------------------------------------------------------------------
@@ -85,7 +98,7 @@ def _bytes(f, name: str) -> int:
     return f.info(name).nbytes if name in f.tensors else 0
 
 
-def read_bytes(f, n_layer: int) -> int:
+def read_bytes(f) -> int:
     """Bytes of matrices a decoded token reads: every 2-D tensor but the embedding table (one
     row is looked up), which counts once more when it is also the output head."""
     total = sum(t.nbytes for n, t in f.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight")
@@ -143,6 +156,10 @@ class Calibration:
             raise ValueError("malformed tables")
         return cls(body["model_sha256"], body["text_sha256"], int(body["n_tokens"]), body["thr"], body["err"],
                    body["layers"], int(body["total_bytes"]), body["locality"])
+
+    def max_skipped(self) -> float:
+        """The largest S: every layer at the last level."""
+        return self.skipped([LEVELS[-1]] * len(self.layers))
 
     def allocate(self, target: float) -> list[float | None]:
         """Per layer, the neuron sparsity (a LEVELS value, or None: dense) that reaches model-wide
@@ -209,7 +226,6 @@ class _Recorder:
         self.overlap = np.zeros(2)  # active neurons shared with the previous token, active neurons
         self.freq = [np.zeros(model.cfg.n_ff) for _ in range(n)]
         self.rng = np.random.default_rng(0)
-        self.all_tokens = True
 
     def __call__(self, i: int, h: np.ndarray) -> np.ndarray:
         m, b = self.model, f"blk.{i}."
@@ -279,7 +295,7 @@ def calibrate(engine, text: str, progress=None) -> Calibration:
     return Calibration(file_sha256(engine.path), hashlib.sha256(text.encode()).hexdigest(), len(ids),
                        [list(map(float, t)) for t in thr], err,
                        [layer_bytes(f, i, cfg.n_embd, cfg.n_ff) for i in range(cfg.n_layer)],
-                       read_bytes(f, cfg.n_layer), locality)
+                       read_bytes(f), locality)
 
 
 def cache_path(model_sha256: str) -> Path:
@@ -358,17 +374,15 @@ class Sparse:
         self.target, self.s = target, cal.skipped(self.levels)
         self.max_batch, self.all_tokens = max_batch, False
         self.ffns, self.thr = {}, {}
-        self.pairs = np.zeros(2, np.int64)  # (token, neuron) pairs computed, and possible
+        self.pairs = [0, 0]  # (token, neuron) pairs computed, and possible
+        check_model(model)
         for i, lv in enumerate(self.levels):
             if lv is None:
                 continue
             b = f"blk.{i}."
             fns = [w.linear(b + n) for n in ("ffn_gate.weight", "ffn_up.weight")]
-            if not all(hasattr(fn, "w") for fn in fns):
-                raise SparsityError("sparsity needs the numba kernels (not --backend numpy) and a resident model")
             info = w.f.info(b + "ffn_down.weight")
-            dt = down_t(w.f.rows(b + "ffn_down.weight"), info.type, info.shape[0])
-            w.f.drop_pages(b + "ffn_down.weight")
+            dt = down_t(w.f.rows(b + "ffn_down.weight"), info.type, info.shape[0])  # (prompts still read the rows)
             self.ffns[i] = SparseFFN(fns[0].w, fns[1].w, dt, _act(model))
             self.thr[i] = cal.thr[i][LEVELS.index(lv)]
 
@@ -377,10 +391,11 @@ class Sparse:
         if f is None or (h.shape[0] > self.max_batch and not self.all_tokens):
             return None
         y, n = f(h, self.thr[i])
-        self.pairs += (n, h.shape[0] * f.f)
+        self.pairs[0] += n
+        self.pairs[1] += h.shape[0] * f.f
         return y
 
     def describe(self) -> dict:
         return {"sparsity": round(self.s, 4), "target": self.target,
                 "layers": [lv if lv is not None else 0.0 for lv in self.levels],
-                "neurons_active": round(float(self.pairs[0] / self.pairs[1]), 4) if self.pairs[1] else None}
+                "neurons_active": round(self.pairs[0] / self.pairs[1], 4) if self.pairs[1] else None}
