@@ -166,7 +166,11 @@ def _rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride
 def _rows_at(code, raw, idx, n, rb, nb, xq, xd, xs, x4n, kp, out, ostride):
     """Rows idx[0 .. n - 1] (any order) against token 0 alone; row r's result at out[r]. (The
     sparse FFN's decode: one call per chunk of neurons, since a call costs as much as a row.)"""
+    for j in range(min(sparse.AHEAD, n)):
+        sparse._prefetch(raw, idx[j] * rb, rb)
     for j in range(n):
+        if j + sparse.AHEAD < n:  # rows in no order: each asks for the one AHEAD after it
+            sparse._prefetch(raw, idx[j + sparse.AHEAD] * rb, rb)
         _row(code, raw, idx[j], rb, nb, xq, xd, xs, x4n, 0, kp, out, 0, ostride, 1, 1)
 
 

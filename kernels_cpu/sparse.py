@@ -236,14 +236,13 @@ def _axpy(typingctx, acc, h, qn, qh, i, e, code):
             c = loop.index
             b = simd.load_vec(builder, qnp, builder.add(qbase, builder.mul(c, _c(16))), simd.vec(8, 16))
             lo, hi = builder.and_(b, simd.const_vec(8, [15] * 16)), builder.lshr(b, simd.const_vec(8, [4] * 16))
-            if q6:  # rows 32c + r: byte 8c + r % 8 of qh, bits 2 (r // 8)
+            if q6:  # rows 32c + 8k + j: bits 2k of byte 8c + j of qh (uniform shifts of 8 bytes)
                 k = simd.load_vec(builder, qhp, builder.add(hbase, builder.mul(c, _c(8))), simd.vec(8, 8))
-                kk = simd.shuffle(builder, k, k, [j % 8 for j in range(32)])
-                top = builder.and_(builder.lshr(kk, simd.const_vec(8, [2 * (j // 8) for j in range(32)])),
-                                   simd.const_vec(8, [3] * 32))
-                top = builder.shl(top, simd.const_vec(8, [4] * 32))
-                lo = builder.or_(lo, simd.shuffle(builder, top, top, range(16)))
-                hi = builder.or_(hi, simd.shuffle(builder, top, top, range(16, 32)))
+
+                def bits(sh):
+                    return builder.and_(builder.lshr(k, simd.const_vec(8, [sh] * 8)), simd.const_vec(8, [3] * 8))
+                lo = builder.or_(lo, builder.shl(simd.concat(builder, bits(0), bits(2)), simd.const_vec(8, [4] * 16)))
+                hi = builder.or_(hi, builder.shl(simd.concat(builder, bits(4), bits(6)), simd.const_vec(8, [4] * 16)))
             for half, q in enumerate((lo, hi)):
                 at = builder.gep(accp, [builder.add(builder.mul(c, _c(32)), _c(16 * half))])
                 ptr = builder.bitcast(at, simd.V16F.as_pointer())
@@ -312,6 +311,16 @@ def _prefetch(typingctx, arr, start, nbytes):
     return sig, codegen
 
 
+AHEAD = 8  # active neurons whose bytes are asked for before they are reached (rows read in no order)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _prefetch_column(qn, qh, i, e, code):
+    _prefetch(qn, i * (e // 2), e // 2)
+    if code == 1:
+        _prefetch(qh, i * (e // 4), e // 4)
+
+
 def _c(n):
     return ir.Constant(ir.IntType(64), n)
 
@@ -358,13 +367,7 @@ def _chunk(c, sd):
                 n_on += 1
             else:
                 hbuf[r] = F32(0.0)
-        urb = sd[S_URB]
-        for j in range(n_on):
-            _prefetch(uraw, idx[j] * urb, urb)
-            _prefetch(qn, idx[j] * (e // 2), e // 2)
-            if code == 1:
-                _prefetch(qh, idx[j] * (e // 4), e // 4)
-        _rows_at(sd[S_UCODE], uraw, idx, n_on, urb, sd[S_UNB], xq, xd, xs, x4n, kp, ubuf, f)
+        _rows_at(sd[S_UCODE], uraw, idx, n_on, sd[S_URB], sd[S_UNB], xq, xd, xs, x4n, kp, ubuf, f)
         for j in range(n_on):
             hbuf[idx[j]] *= ubuf[idx[j]]
     else:  # a batch: each active row of up against every token, each token keeping its own mask
@@ -384,6 +387,10 @@ def _chunk(c, sd):
     count[c] = n_on
 
     acc = np.empty(e, np.float32)
+    if t_n == 1:  # the first columns' bytes; each column then asks for the one AHEAD after it
+        for j in range(min(AHEAD, n_on)):
+            _prefetch_column(qn, qh, idx[j], e, code)
+    nxt = AHEAD
     for t in range(t_n):
         p = part[(c * t_n + t) * e:(c * t_n + t + 1) * e]
         p[:] = 0
@@ -398,6 +405,9 @@ def _chunk(c, sd):
                         acc[:] = 0
                         seen = True
                     hsum += h
+                    if t_n == 1 and nxt < n_on:
+                        _prefetch_column(qn, qh, idx[nxt], e, code)
+                        nxt += 1
                     if code == 0:
                         _axpy(acc, h, qn, qh, i, e, 0)
                     else:
