@@ -179,6 +179,7 @@ def test_allocation_reaches_the_target_cheapest_first(engine):
         if prev is not None:  # a larger target never lowers a layer
             assert all((b or 0) >= (a or 0) for a, b in zip(prev, levels))
         prev = levels
+    assert max(lv or 0 for lv in cal.allocate(0.03)) <= sp.CAPS[0]  # spread before deepening
     assert cal.allocate(0.0) == [None] * len(cal.layers)
     with pytest.raises(sp.SparsityError, match="beyond"):
         cal.allocate(0.5)  # gemma's head alone is 63% of its reads
