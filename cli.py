@@ -447,6 +447,8 @@ def bench(
                    f"{ours['peak_rss_bytes'] / ref['peak_rss_bytes']:11.2f}x")
     elif ref:
         typer.echo(f"llama.cpp: {ref['error']}")
+    elif no_llama_cpp:
+        typer.echo("llama.cpp: skipped (--no-llama-cpp)")
     else:
         typer.echo("llama.cpp: not measured (pip install llama-cpp-python to compare)")
     if speculative:
