@@ -68,6 +68,14 @@ def _size(n: int) -> str:
     return str(n)
 
 
+CACHE_TYPE = typer.Option("f16", "--cache-type", help="KV cache type: f16, q8_0 (half the bytes) or q4_0 "
+                          "(blocks of 32 values, as llama.cpp's -ctk/-ctv)")
+
+
+def _cache(cache_type: str) -> dict:
+    return {"cache_type": cache_type} if cache_type != "f16" else {}
+
+
 @app.command()
 def pull(name: str = typer.Argument(..., help="catalog model name, e.g. gemma3-270m")) -> None:
     """Download, assemble and verify a catalog model into the cache."""
@@ -107,11 +115,12 @@ def show(
     ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="context length for the memory estimate"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="also print the plan for this "
                                                 "budget, e.g. 400M (without --ctx: the context that fits)"),
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Show a model's architecture, size, quantization mix and estimated memory."""
     path = _resolve(model)
-    info = rt.describe_model(path, n_ctx=ctx)
-    plan = _show_plan(path, ctx, memory_budget) if memory_budget else None
+    info = rt.describe_model(path, n_ctx=ctx, cache_type=cache_type)
+    plan = _show_plan(path, ctx, memory_budget, cache_type) if memory_budget else None
     if as_json:
         if plan:
             info["memory_plan"] = {"budget_bytes": plan[1].budget, "n_ctx": plan[0], "parts": plan[1].parts,
@@ -131,7 +140,8 @@ def show(
         ("tensors", info["tensor_count"]),
         ("quant types", ", ".join(f"{k} x{v}" for k, v in info["quant_types"].items())),
         ("file size", _size(info["file_size_bytes"])),
-        ("est. memory", f"{_size(info['estimated_memory_bytes'])} at ctx {info['estimated_memory_ctx']}"),
+        ("est. memory", f"{_size(info['estimated_memory_bytes'])} at ctx {info['estimated_memory_ctx']}, "
+                        f"KV cache {_size(info['kv_cache_bytes'])} ({info['kv_cache_type']})"),
     ]
     for k, v in rows:
         typer.echo(f"{k:<17}{v}")
@@ -141,21 +151,22 @@ def show(
         typer.echo(plan[1].describe())
 
 
-def _show_plan(path, ctx: Optional[int], budget: str):
+def _show_plan(path, ctx: Optional[int], budget: str, cache_type: str = "f16"):
     """(n_ctx, offload Plan) of `run --memory-budget` for this model, without loading it."""
     from . import offload
     from .kernels_cpu.qmatmul import tile_rows
     from .loaders.gguf import GGUFFile
     from .runtime.model import model_class
 
-    rcfg = _runtime_config(None, ctx, memory_budget=budget)
+    rcfg = _runtime_config(None, ctx, memory_budget=budget, spec=_cache(cache_type))
     with GGUFFile(path) as f:
         cfg = model_class(f.metadata.get("general.architecture")).config(f)
         n = rcfg.n_ctx
         if rcfg.fit_ctx:
-            n = offload.fit_context(f, cfg, n, rcfg.n_batch, rcfg.max_threads, rcfg.memory_budget, row_align=tile_rows)
+            n = offload.fit_context(f, cfg, n, rcfg.n_batch, rcfg.max_threads, rcfg.memory_budget, row_align=tile_rows,
+                                    cache_type=rcfg.cache_type)
         p, _ = offload.plan_for(f, cfg, n, min(rcfg.n_batch, n), rcfg.max_threads, rcfg.memory_budget,
-                                row_align=tile_rows)
+                                row_align=tile_rows, cache_type=rcfg.cache_type)
     return n, p
 
 
@@ -274,6 +285,7 @@ def run(
     draft_max: int = DRAFT_MAX,
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Generate a continuation of PROMPT, streaming it to stdout."""
     text = _prompt_text(prompt, file)
@@ -281,7 +293,8 @@ def run(
                                repeat_penalty=repeat_penalty, seed=seed, max_tokens=n,
                                stop=tuple(stop), ignore_eos=ignore_eos)
     rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget,
-                                           spec=_speculative(draft, lookup, draft_max) | _sparse(sparsity, sparsity_calib)),
+                                           spec=_speculative(draft, lookup, draft_max) | _sparse(sparsity, sparsity_calib)
+                                           | _cache(cache_type)),
                            cluster, key, split,
                            cluster_timeout)
     eng = _load(model, rcfg, verbose and not as_json)
@@ -356,12 +369,13 @@ def perplexity(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and the memory plan on stderr"),
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Perplexity of FILE, scored as llama.cpp's llama-perplexity does (with --sparsity: every token as sparse
     decode computes it)."""
     text = _prompt_text(None, file)
     rcfg = _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget,
-                           spec=_sparse(sparsity, sparsity_calib))
+                           spec=_sparse(sparsity, sparsity_calib) | _cache(cache_type))
     if rcfg.memory_budget:  # a chunk's logits are scored outside the model: leave room for them
         import dataclasses
 
@@ -407,6 +421,7 @@ def bench(
     draft_max: int = DRAFT_MAX,
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Measure prompt processing and generation speed (and llama.cpp's, when llama-cpp-python is installed)."""
     if target == "kernels":
@@ -417,7 +432,7 @@ def bench(
     n_ctx = max(1024, n_prompt + n_gen)
     spec = _speculative(draft, lookup, draft_max)
     rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget,
-                           spec=spec | _sparse(sparsity, sparsity_calib))
+                           spec=spec | _sparse(sparsity, sparsity_calib) | _cache(cache_type))
     eng = _load(target, rcfg)
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
@@ -426,7 +441,8 @@ def bench(
         sparse = rb.measure_sparse(eng, max(n_gen, 128), reps) if sparsity else None
     finally:
         eng.close()
-    ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx)
+    ref = None if no_llama_cpp else rb.measure_llama_cpp(str(path), n_prompt, n_gen, reps, rcfg.max_threads, n_ctx,
+                                                         rcfg.cache_type)
     out = dict(ours, llama_cpp=ref)
     if breakdown:
         out["decode_ms_per_token_by_op"] = breakdown
@@ -542,8 +558,10 @@ def chat(
     draft_max: int = DRAFT_MAX,
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
+    rt.RuntimeConfig(**_cache(cache_type))  # a bad cache type fails before the model loads
     from .runtime.api import load
     from .runtime.chat_session import ChatSession, repl
 
@@ -552,7 +570,7 @@ def chat(
     _resolve(model)  # fetch with a progress bar first
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}),
-                **_speculative(draft, lookup, draft_max), **_sparse(sparsity, sparsity_calib)}
+                **_speculative(draft, lookup, draft_max), **_sparse(sparsity, sparsity_calib), **_cache(cache_type)}
     with load(model, **settings) as llm:
         if verbose:
             typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)
@@ -575,6 +593,7 @@ def serve(
     draft_max: int = DRAFT_MAX,
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from .runtime import server
@@ -598,7 +617,7 @@ def serve(
     _resolve(model)
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max),
-                **_sparse(sparsity, sparsity_calib)}
+                **_sparse(sparsity, sparsity_calib), **_cache(cache_type)}
     with load(model, **settings) as llm:
         app_ = server.create_app(llm, model, api_key=api_key, queue=queue)
         typer.echo(f"edgellm serving {model} on http://{host}:{port}/v1 (Ctrl+C stops)", err=True)

@@ -8,6 +8,7 @@ reference to ~1e-6 relative.
 Small inputs run on one thread: a parallel launch costs ~10 us, more than a decode-sized norm.
 numba has no float16 on the CPU, so float16 KV caches are passed to the kernels as their uint16
 bits and widened exactly in `_row_f32` (one instruction on F16C / ARMv8, a bit trick elsewhere).
+Quantized caches (q8_0, q4_0: `kv_store`) are read a row at a time, dequantized into a float32 row.
 """
 from __future__ import annotations
 
@@ -323,6 +324,161 @@ def _row_f32(src, dst):  # src (Dh,) float32 or uint16 (float16 bits), dst (Dh,)
         dst[d] = _to_f32(src[d])
 
 
+def _load_row(c, j, h, dst):
+    """Row j, kv head h of a cache as float32 into dst (Dh,): c is (S, Hkv, Dh) float32 or uint16
+    (float16 bits), or a quantized cache (qs, d) (see `kv_store`), dequantized as quant.formats does."""
+
+
+@overload(_load_row)
+def _load_row_impl(c, j, h, dst):
+    if isinstance(c, types.Array):
+        return lambda c, j, h, dst: _row_f32(c[j, h], dst)
+    if c.types[0].dtype == types.int8:  # q8_0
+        def q8(c, j, h, dst):
+            qs, d = c[0][j, h], c[1][j, h]
+            for b in range(d.shape[0]):
+                s = _to_f32(d[b])
+                for i in range(32):
+                    dst[32 * b + i] = F32(qs[32 * b + i]) * s
+        return q8
+
+    def q4(c, j, h, dst):  # q4_0: low nibbles are elements 0-15 of a block, high nibbles 16-31
+        qs, d = c[0][j, h], c[1][j, h]
+        for b in range(d.shape[0]):
+            s = _to_f32(d[b])
+            for i in range(16):
+                x = qs[16 * b + i]
+                dst[32 * b + i] = F32(np.int32(x & 15) - 8) * s
+                dst[32 * b + 16 + i] = F32(np.int32(x >> 4) - 8) * s
+    return q4
+
+
+def _kv_heads(c):
+    """n_kv_heads of a cache array or quantized cache."""
+
+
+@overload(_kv_heads)
+def _kv_heads_impl(c):
+    if isinstance(c, types.Array):
+        return lambda c: c.shape[1]
+    return lambda c: c[0].shape[1]
+
+
+# ---- storing into a cache ----------------------------------------------------------------------
+
+@intrinsic
+def _bitcast_u32(typingctx, f):  # float32 -> its uint32 bits
+    return types.uint32(types.float32), lambda c, b, sig, a: b.bitcast(a[0], ir.IntType(32))
+
+
+@njit(cache=True)
+def _f16_bits(f):
+    """float32 -> float16 bits, rounded to nearest even (numpy's astype), with no F16C needed."""
+    u = _bitcast_u32(f)
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # nan
+        return sign | np.uint16(0x7E00)
+    if a >= np.uint32(0x477FF000):  # 65520 and above round to inf
+        return sign | np.uint16(0x7C00)
+    if a < np.uint32(0x38800000):  # below 2^-14: a subnormal half; scaling by 2^24 is exact
+        return sign | np.uint16(np.rint(abs(f) * F32(16777216.0)))
+    h = ((a >> np.uint32(13)) - np.uint32(0x1C000))  # rebias the exponent 127 -> 15
+    rest = a & np.uint32(0x1FFF)
+    if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and h & np.uint32(1)):
+        h += np.uint32(1)  # a carry into the exponent is the right rounding too
+    return sign | np.uint16(h)
+
+
+@njit(cache=True)
+def _roundf(v):  # C's roundf: halves away from zero (v - trunc(v) is exact)
+    t = F32(math.trunc(v))
+    if abs(v - t) >= F32(0.5):
+        t += F32(1.0) if v > 0 else F32(-1.0)
+    return t
+
+
+@njit(cache=True)
+def _store_q8_0(x, rows, qs, d):  # x (T, H, Dh) f32; qs (S, H, Dh) int8; d (S, H, Dh/32) uint16
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for b in range(d.shape[2]):
+                xb = x[t, h, 32 * b:32 * b + 32]
+                amax = F32(0.0)
+                for i in range(32):
+                    amax = max(amax, abs(xb[i]))
+                db = amax / F32(127.0)
+                inv = F32(1.0) / db if db != 0 else F32(0.0)
+                d[rows[t], h, b] = _f16_bits(db)
+                for i in range(32):
+                    qs[rows[t], h, 32 * b + i] = np.int8(_roundf(xb[i] * inv))
+
+
+@njit(cache=True)
+def _store_q4_0(x, rows, qs, d):  # x (T, H, Dh) f32; qs (S, H, Dh/2) uint8; d (S, H, Dh/32) uint16
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for b in range(d.shape[2]):
+                xb = x[t, h, 32 * b:32 * b + 32]
+                m = xb[0]
+                for i in range(1, 32):  # the first value of largest magnitude, sign kept
+                    if abs(xb[i]) > abs(m):
+                        m = xb[i]
+                db = m / F32(-8.0)
+                inv = F32(1.0) / db if db != 0 else F32(0.0)
+                d[rows[t], h, b] = _f16_bits(db)
+                for i in range(16):
+                    lo = min(15, np.int32(xb[i] * inv + F32(8.5)))
+                    hi = min(15, np.int32(xb[i + 16] * inv + F32(8.5)))
+                    qs[rows[t], h, 16 * b + i] = np.uint8(lo | (hi << 4))
+
+
+@njit(cache=True)
+def _kv_rotate(x, n, out):  # x, out (R, D) float32; fast Walsh-Hadamard butterflies per chunk of n
+    scale = F32(1.0 / math.sqrt(n))
+    for r in range(x.shape[0]):
+        for c0 in range(0, x.shape[1], n):
+            b = out[r, c0:c0 + n]
+            b[:] = x[r, c0:c0 + n]
+            h = 1
+            while h < n:
+                for i in range(0, n, 2 * h):
+                    for j in range(i, i + h):
+                        u, w = b[j], b[j + h]
+                        b[j], b[j + h] = u + w, u - w
+                h *= 2
+            for j in range(n):
+                b[j] *= scale
+
+
+def kv_rotate(x, n):
+    """As ops_ref.kv_rotate (every chunk of n values of x (..., D) times the orthonormal Hadamard
+    matrix), by butterflies in a fixed order per row: a row's result does not depend on how many
+    rows share the call (a BLAS product's may, and a quantized cache would magnify the difference)."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    if n & (n - 1) or x.shape[-1] % n:
+        raise ValueError(f"kv_rotate: {x.shape[-1]} values do not split into chunks of a power of two {n}")
+    out = np.empty_like(x)
+    _kv_rotate(x.reshape(-1, x.shape[-1]), n, out.reshape(-1, x.shape[-1]))
+    return out
+
+
+def kv_store(cache, x, rows):
+    """Write x (T, n_kv_heads, head_dim) float32 into rows (T,) of a cache, as ops_ref.kv_store:
+    a float16/float32 array as is, a quantized cache (qs, d) quantized here, bit for bit as the
+    reference quantizer of its GGML type."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if not isinstance(cache, tuple):
+        cache[rows] = x
+        return
+    qs, d = cache
+    x = np.ascontiguousarray(x, dtype=F32)
+    if x.ndim != 3 or x.shape[1] != d.shape[1] or x.shape[2] != 32 * d.shape[2] \
+            or rows.shape != (x.shape[0],) or (rows.size and (rows.min() < 0 or rows.max() >= d.shape[0])):
+        raise ValueError(f"kv_store: x {x.shape} at rows {rows.shape} does not fit a cache of {qs.shape}")
+    (_store_q8_0 if qs.dtype == np.int8 else _store_q4_0)(x, rows, qs, d.view(np.uint16))
+
+
 @njit(cache=True, fastmath=_FM)
 def _score(q, k, scale, softcap):  # q (Dh,), k (Dh,) -> scaled, soft-capped q.k
     s = F32(0.0)
@@ -345,7 +501,7 @@ def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, a
 
     q # (Hq, Dh); k, v # (S, Hkv, Dh); m_part, l_part # (Hq, n_chunks); acc_part # (n_chunks, Hq, Dh)
     """
-    G = q.shape[0] // k.shape[1]
+    G = q.shape[0] // _kv_heads(k)
     h0 = kvh * G
     n = j1 - j0
     if n <= 0:  # an empty chunk (only with > 64 chunks) contributes nothing
@@ -359,7 +515,7 @@ def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, a
     row = np.empty(q.shape[1], dtype=F32)
     for jj in range(n):
         j = j0 + jj
-        _row_f32(k[j % cap if cap > 0 else j, kvh], row)
+        _load_row(k, j % cap if cap > 0 else j, kvh, row)
         for g in range(G):
             sc[g, jj] = _score(q[h0 + g], row, scale, softcap)
     for g in range(G):
@@ -377,7 +533,7 @@ def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, a
             acc_part[c, h0 + g, d] = 0.0
     for jj in range(n):
         j = j0 + jj
-        _row_f32(v[j % cap if cap > 0 else j, kvh], row)
+        _load_row(v, j % cap if cap > 0 else j, kvh, row)
         for g in range(G):
             a = acc_part[c, h0 + g]
             w = sc[g, jj]
@@ -392,7 +548,7 @@ def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
     q, out # (Hq, Dh); k, v # (S, Hkv, Dh) float32 or uint16 (float16 bits)
     """
     Hq, Dh = q.shape
-    Hkv = k.shape[1]
+    Hkv = _kv_heads(k)
     lo = _first_key(p, window)
     chunk = (p - lo + n_chunks) // n_chunks
     m_part = np.empty((Hq, n_chunks), dtype=F32)
@@ -432,7 +588,7 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
     q, out # (T, Hq, Dh); k, v # (S, Hkv, Dh); pos # (T,)
     """
     Dh = q.shape[2]
-    G = q.shape[1] // k.shape[1]
+    G = q.shape[1] // _kv_heads(k)
     h0 = kvh * G
     R = (t1 - t0) * G  # rows r = (t - t0) * G + g
     m = np.full(R, -np.inf, dtype=F32)
@@ -449,8 +605,8 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
         nb = min(_BK, jhi + 1 - b0)
         for c in range(nb):
             j = b0 + c
-            _row_f32(k[j % cap if cap > 0 else j, kvh], kb[c])
-            _row_f32(v[j % cap if cap > 0 else j, kvh], vb[c])
+            _load_row(k, j % cap if cap > 0 else j, kvh, kb[c])
+            _load_row(v, j % cap if cap > 0 else j, kvh, vb[c])
         for r in range(R):
             t = t0 + r // G
             c0 = max(b0, _first_key(pos[t], window)) - b0
@@ -489,7 +645,7 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
 def _attn_prefill(q, k, v, pos, scale, window, softcap, cap, bq, out):
     """Work items (kv head, query block); blocks visited low/high alternately so that a static
     split of the item range gives each thread a similar share of the causal triangle."""
-    Hkv = k.shape[1]
+    Hkv = _kv_heads(k)
     nqb = (q.shape[0] + bq - 1) // bq
     for it in prange(Hkv * nqb):
         i = it // Hkv
@@ -498,22 +654,30 @@ def _attn_prefill(q, k, v, pos, scale, window, softcap, cap, bq, out):
                       b * bq, min(q.shape[0], (b + 1) * bq), out)
 
 
-def _cache_view(c, name):  # (S, Hkv, Dh) float32 as is; float16 as its uint16 bits, no copy
+def _cache_view(c, name):
+    """(S, Hkv, Dh) float32 as is, float16 as its uint16 bits (no copy); a quantized cache (qs, d)
+    with d as uint16 bits. Returns (the view, S, Hkv, Dh)."""
+    if isinstance(c, tuple):
+        qs, d = c
+        S, Hkv, nb = d.shape
+        if qs.dtype not in (np.int8, np.uint8) or d.dtype != np.float16 or qs.shape != (S, Hkv, nb * (32 if qs.dtype == np.int8 else 16)):
+            raise TypeError(f"attention: {name} (qs {qs.dtype} {qs.shape}, d {d.dtype} {d.shape}) is not a q8_0 or q4_0 cache")
+        return (np.ascontiguousarray(qs), np.ascontiguousarray(d).view(np.uint16)), S, Hkv, nb * 32
     if c.dtype == np.float16:
-        return np.ascontiguousarray(c).view(np.uint16)
-    if c.dtype != np.float32:
-        raise TypeError(f"attention: {name} must be float32 or float16, got {c.dtype}")
-    return np.ascontiguousarray(c)
+        c = np.ascontiguousarray(c).view(np.uint16)
+    elif c.dtype != np.float32:
+        raise TypeError(f"attention: {name} must be float32, float16 or quantized, got {c.dtype}")
+    c = np.ascontiguousarray(c)
+    return c, c.shape[0], c.shape[1], c.shape[2]
 
 
 def _attention(q, k, v, q_positions, scale, window, softcap, cap):  # cap: ring rows, 0 = contiguous
     q = np.ascontiguousarray(q, dtype=F32)
     pos = np.ascontiguousarray(q_positions, dtype=np.int64)
-    k, v = _cache_view(k, "k cache"), _cache_view(v, "v cache")
+    (k, S, Hkv, Dk), (v, Sv, Hv, Dv) = _cache_view(k, "k cache"), _cache_view(v, "v cache")
     T, Hq, Dh = q.shape
-    S, Hkv = k.shape[0], k.shape[1]
-    if v.shape != k.shape or k.shape[2] != Dh or Hq % Hkv or pos.shape != (T,) or T == 0:
-        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}, positions {pos.shape}"
+    if (Sv, Hv, Dv) != (S, Hkv, Dk) or Dk != Dh or Hq % Hkv or pos.shape != (T,) or T == 0:
+        raise ValueError(f"attention: q {q.shape}, k ({S}, {Hkv}, {Dk}), v ({Sv}, {Hv}, {Dv}), positions {pos.shape}"
                          " do not fit (n_q_heads must be a multiple of n_kv_heads)")
     window = int(window)
     p_min, p_max = (int(pos[0]), int(pos[0])) if T == 1 else (int(pos.min()), int(pos.max()))
@@ -538,9 +702,11 @@ def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
     """Causal attention with grouped KV heads over a contiguous cache (row j = position j).
 
     q           # (n_tokens, n_q_heads, head_dim) float32
-    k_cache     # (S, n_kv_heads, head_dim) float32 or float16; rows 0..max(q_positions) written,
-                # S may be the whole preallocated context (rows past the query are never read)
-    v_cache     # (S, n_kv_heads, head_dim) float32 or float16
+    k_cache     # (S, n_kv_heads, head_dim) float32 or float16, or a quantized cache (qs, d) as in
+                # `kv_store` (rows dequantized one at a time as they are read, never as a whole);
+                # rows 0..max(q_positions) written, S may be the whole preallocated context (rows
+                # past the query are never read)
+    v_cache     # (S, n_kv_heads, head_dim) likewise
     q_positions # (n_tokens,) int
     Key j is visible to a query at p iff j <= p and (window == 0 or p - j < window); query head h
     reads kv head h // (n_q_heads // n_kv_heads). Score = q.k * scale, then
@@ -556,14 +722,15 @@ def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
 def attention_ring(q, k_ring, v_ring, q_positions, scale, window=0, softcap=0.0):
     """`attention` on a ring buffer (sliding-window layers): position j lives in row j % W.
 
-    k_ring, v_ring # (W, n_kv_heads, head_dim) float32 or float16, positions up to
+    k_ring, v_ring # (W, n_kv_heads, head_dim) caches as in `attention`, positions up to
                    # max(q_positions) written, so row j % W holds the latest such j
     The ring must still hold every visible key: W >= window + n_tokens - 1 for a block of
     consecutive queries (W >= window for decode); a too-small ring raises ValueError. So a
     runtime that prefills in chunks of C tokens gives local layers a ring of window + C - 1 rows,
     writes a chunk's k/v, then calls this; memory stays bounded by the window, not the context.
     """
-    return _attention(q, k_ring, v_ring, q_positions, scale, window, softcap, k_ring.shape[0])
+    W = (k_ring[1] if isinstance(k_ring, tuple) else k_ring).shape[0]
+    return _attention(q, k_ring, v_ring, q_positions, scale, window, softcap, W)
 
 
 # ---- embedding -------------------------------------------------------------------------------

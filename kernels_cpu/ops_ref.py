@@ -127,19 +127,73 @@ def _attend(q, k, v, q_pos, k_pos, scale, window, softcap):
     return np.einsum("hts,shd->thd", w, v64).astype(F32)
 
 
+def kv_store(cache, x, rows):
+    """Write x (T, n_kv_heads, head_dim) float32 into rows (T,) of a cache: a float16/float32
+    array as is, a quantized cache (qs, d) by the reference quantizer of its type:
+      q8_0: qs (S, n_kv_heads, head_dim) int8, d (S, n_kv_heads, head_dim // 32) float16;
+      q4_0: qs (S, n_kv_heads, head_dim // 2) uint8, block b's element i in the low nibble of
+            byte 16 b + i and element i + 16 in its high nibble, d as for q8_0.
+    Element for element the GGML block types of the same names (quant.formats)."""
+    x = np.asarray(x, dtype=F32)
+    rows = np.asarray(rows)
+    if not isinstance(cache, tuple):
+        cache[rows] = x
+        return
+    from ..quant.formats import quantize
+    qs, d = cache
+    t = _kv_type(qs)
+    T, H, D = x.shape
+    blocks = quantize(x.reshape(-1), t).reshape(T, H, D // 32, t.type_size)
+    d[rows] = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+    qs[rows] = np.ascontiguousarray(blocks[..., 2:]).view(qs.dtype).reshape(qs[rows].shape)
+
+
+def hadamard(n):
+    """The orthonormal Sylvester-Walsh-Hadamard matrix, float64 (n, n), n a power of two:
+    symmetric, and its own inverse."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def kv_rotate(x, n):
+    """x (..., D) float32, D a multiple of n: every chunk of n values times hadamard(n)."""
+    x = np.asarray(x, dtype=F32)
+    return (x.reshape(-1, n).astype(np.float64) @ hadamard(n)).astype(F32).reshape(x.shape)
+
+
+def _kv_type(qs):
+    from ..quant.ggml_types import GGMLType
+    return GGMLType.Q8_0 if qs.dtype == np.int8 else GGMLType.Q4_0
+
+
+def kv_values(cache):
+    """A cache's values as float32 (S, n_kv_heads, head_dim): quantized caches dequantized."""
+    if not isinstance(cache, tuple):
+        return np.asarray(cache, dtype=F32)
+    from ..quant.formats import dequantize
+    qs, d = cache
+    S, H, nb = d.shape
+    blocks = np.concatenate([np.ascontiguousarray(d).view(np.uint8).reshape(S, H, nb, 2),
+                             np.ascontiguousarray(qs).view(np.uint8).reshape(S, H, nb, -1)], axis=-1)
+    return dequantize(blocks.reshape(-1), _kv_type(qs)).reshape(S, H, nb * 32)
+
+
 def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
     """Causal attention with grouped KV heads over a contiguous cache (row j = position j).
 
     q           # (n_tokens, n_q_heads, head_dim) float32
-    k_cache     # (S, n_kv_heads, head_dim) float32 or float16, rows 0..max(q_positions) written
-    v_cache     # (S, n_kv_heads, head_dim) float32 or float16
+    k_cache     # (S, n_kv_heads, head_dim) float32 or float16, or a quantized cache (qs, d) as in
+                # `kv_store`; rows 0..max(q_positions) written
+    v_cache     # (S, n_kv_heads, head_dim) likewise
     q_positions # (n_tokens,) int
     Key j is visible to a query at p iff j <= p and (window == 0 or p - j < window).
     Scores are q.k * scale, then softcap * tanh(score / softcap) when softcap > 0.
     Returns     # (n_tokens, n_q_heads, head_dim) float32
     """
-    return _attend(q, k_cache, v_cache, q_positions, np.arange(k_cache.shape[0]),
-                   scale, window, softcap)
+    k, v = kv_values(k_cache), kv_values(v_cache)
+    return _attend(q, k, v, q_positions, np.arange(k.shape[0]), scale, window, softcap)
 
 
 def attention_ring(q, k_ring, v_ring, q_positions, scale, window=0, softcap=0.0):
@@ -148,6 +202,7 @@ def attention_ring(q, k_ring, v_ring, q_positions, scale, window=0, softcap=0.0)
     k_ring, v_ring # (W, n_kv_heads, head_dim); positions up to max(q_positions) written,
                    # so rows hold positions max(q_positions) + 1 - W .. max(q_positions)
     """
+    k_ring, v_ring = kv_values(k_ring), kv_values(v_ring)
     W = k_ring.shape[0]
     n_total = int(np.max(q_positions)) + 1
     k_pos = np.arange(max(0, n_total - W), n_total)

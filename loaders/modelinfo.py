@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ..quant.ggml_types import kv_bytes
 from .gguf import GGUFFile
 
 DEFAULT_CTX = 4096
@@ -15,8 +16,8 @@ def arch_key(f: GGUFFile, key: str, default: Any = None) -> Any:
     return f.metadata.get(f"{arch}.{key}", default)
 
 
-def kv_cache_bytes(f: GGUFFile, n_ctx: int, bytes_per_value: int = 2) -> int:
-    """Bytes of a K and V cache holding `n_ctx` positions in every layer."""
+def kv_cache_bytes(f: GGUFFile, n_ctx: int, cache_type: str = "f16") -> int:
+    """Bytes of a K and V cache of `cache_type` (f16, q8_0, q4_0) holding `n_ctx` positions in every layer."""
     n_layer = int(arch_key(f, "block_count", 0))
     n_head = int(arch_key(f, "attention.head_count", 0) or 0)
     n_kv = arch_key(f, "attention.head_count_kv", n_head)
@@ -24,16 +25,16 @@ def kv_cache_bytes(f: GGUFFile, n_ctx: int, bytes_per_value: int = 2) -> int:
     d = int(arch_key(f, "embedding_length", 0))
     k_len = int(arch_key(f, "attention.key_length", d // n_head if n_head else 0))
     v_len = int(arch_key(f, "attention.value_length", k_len))
-    return n_layer * n_ctx * n_kv * (k_len + v_len) * bytes_per_value
+    return kv_bytes(cache_type, n_layer * n_ctx * n_kv * (k_len + v_len))
 
 
-def describe(f: GGUFFile, n_ctx: int | None = None) -> dict[str, Any]:
-    """A JSON-ready summary of the model in `f`."""
+def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> dict[str, Any]:
+    """A JSON-ready summary of the model in `f` (memory estimated with a KV cache of `cache_type`)."""
     weights = sum(t.nbytes for t in f.tensors.values())
     types = Counter(t.type.name for t in f.tensors.values())
     ctx_train = int(arch_key(f, "context_length", 0) or 0)
     ctx = min(n_ctx or DEFAULT_CTX, ctx_train) if ctx_train else (n_ctx or DEFAULT_CTX)
-    kv = kv_cache_bytes(f, ctx)
+    kv = kv_cache_bytes(f, ctx, cache_type)
     vocab = len(f.metadata.get("tokenizer.ggml.tokens", ())) or None
     d = int(arch_key(f, "embedding_length", 0) or 0)
     # activations and logits: a few model-width vectors per prompt batch plus the vocabulary logits
@@ -54,4 +55,6 @@ def describe(f: GGUFFile, n_ctx: int | None = None) -> dict[str, Any]:
         "weights_bytes": weights,
         "estimated_memory_bytes": weights + kv + scratch,
         "estimated_memory_ctx": ctx,
+        "kv_cache_bytes": kv,
+        "kv_cache_type": cache_type,
     }

@@ -18,21 +18,22 @@ CTX_FLOOR = 256  # the shortest context auto-fit chooses
 
 
 def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None,
-             row_align=None):
+             row_align=None, cache_type: str = "f16"):
     """The plan for GGUFFile `f` (ModelConfig `cfg`) under `budget` bytes, and its units;
-    `row_align(K)`: the kernels' tile height, where output-head chunks must start."""
-    sizes = model_sizes(f, cfg, row_align)
+    `row_align(K)`: the kernels' tile height, where output-head chunks must start; `cache_type`:
+    the KV cache's element type."""
+    sizes = model_sizes(f, cfg, row_align, cache_type)
     n_ctx = min(n_ctx, cfg.n_ctx_train)
     p = plan(budget, sizes, n_ctx, n_batch, baseline=measure_baseline(), threads=threads, window=window)
     return p, sizes.units
 
 
 def fit_context(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, row_align=None,
-                baseline: int | None = None) -> int:
+                baseline: int | None = None, cache_type: str = "f16") -> int:
     """The longest context up to n_ctx (a multiple of 256, at least CTX_FLOOR) whose plan fits
     `budget`; BudgetError (naming the minimum) when not even the floor fits. `baseline`: the
     process's own memory (default: measured now)."""
-    sizes = model_sizes(f, cfg, row_align)
+    sizes = model_sizes(f, cfg, row_align, cache_type)
     base = measure_baseline() if baseline is None else baseline
     n_ctx = min(n_ctx, cfg.n_ctx_train)
 
@@ -53,10 +54,10 @@ def fit_context(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, row
     return lo * 256
 
 
-def auto_budget(f, cfg, n_ctx: int, n_batch: int, quiet: bool = False) -> int | None:
+def auto_budget(f, cfg, n_ctx: int, n_batch: int, quiet: bool = False, cache_type: str = "f16") -> int | None:
     """None when the whole model fits in the memory this process may use; otherwise that memory,
     as a budget to stream under (and a note on stderr saying so)."""
-    sizes = model_sizes(f, cfg)
+    sizes = model_sizes(f, cfg, cache_type=cache_type)
     need = full_memory(sizes, min(n_ctx, cfg.n_ctx_train), n_batch, measure_baseline())
     have = memory_limit()
     if need <= have:

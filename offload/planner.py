@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import EdgeLLMError
+from ..quant.ggml_types import kv_bytes
 
 MB = 1 << 20
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices too)
@@ -102,7 +103,7 @@ class ModelSizes:
         return sum(u.nbytes for u in self.units)
 
 
-def model_sizes(f, cfg, row_align: Callable[[int], int] | None = None, kv_itemsize: int = 2) -> ModelSizes:
+def model_sizes(f, cfg, row_align: Callable[[int], int] | None = None, cache_type: str = "f16") -> ModelSizes:
     """Units of a GGUFFile `f` (with its ModelConfig `cfg`): each layer's matrices must be one
     contiguous run of the file (checked; GGUF writers group a layer's tensors), the head is cut
     into chunks of whole rows no larger than the largest layer, each starting at a multiple of
@@ -138,7 +139,7 @@ def model_sizes(f, cfg, row_align: Callable[[int], int] | None = None, kv_itemsi
     for r0 in range(0, n_rows, rows_per):
         r1 = min(n_rows, r0 + rows_per)
         units.append(Unit(f"{head}[{r0}:{r1}]", h.offset + r0 * h.row_bytes, (r1 - r0) * h.row_bytes, (head,), (r0, r1)))
-    kv = cfg.n_layer * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * kv_itemsize
+    kv = kv_bytes(cache_type, cfg.n_layer * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v))
     return ModelSizes(tuple(units), tuple(small), small_bytes, "token_embd.weight", cfg.n_embd, cfg.n_ff,
                       cfg.n_vocab, kv, getattr(f, "file_size", 0))
 

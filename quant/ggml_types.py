@@ -96,3 +96,21 @@ _GEOMETRY: dict[GGMLType, tuple[int, int]] = {
     GGMLType.NVFP4: (64, 36),
     GGMLType.Q1_0: (128, 18),
 }
+
+
+# KV cache element types by their command-line names (llama.cpp's -ctk / -ctv spelling)
+KV_CACHE_TYPES: dict[str, GGMLType] = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
+
+
+def kv_cache_type(name: str) -> GGMLType:
+    """The GGML type of a KV cache type name; ValueError naming the choices otherwise."""
+    t = KV_CACHE_TYPES.get(str(name).strip().lower())
+    if t is None:
+        raise ValueError(f"cache type {name!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    return t
+
+
+def kv_bytes(name: str, n_values: int) -> int:
+    """Bytes of `n_values` cache elements of type `name` (a multiple of its block size)."""
+    t = kv_cache_type(name)
+    return n_values // t.block_size * t.type_size

@@ -7,10 +7,11 @@ from ..loaders.modelinfo import describe
 from ..loaders.store import CATALOG, DEFAULT_MODEL, home, list_cached, pull, remove, resolve
 
 
-def describe_model(path: Path, n_ctx: int | None = None) -> dict:
+def describe_model(path: Path, n_ctx: int | None = None, cache_type: str = "f16") -> dict:
     """`edgellm show`'s summary of the GGUF file at `path`."""
+    cache_type = RuntimeConfig(cache_type=cache_type).cache_type  # ConfigError naming a bad one
     with GGUFFile(path) as f:
-        return describe(f, n_ctx)
+        return describe(f, n_ctx, cache_type)
 
 
 from .config import RuntimeConfig  # noqa: E402

@@ -61,8 +61,9 @@ _LLAMA_CPP_CHILD = r"""
 import json, statistics, sys, time
 import numpy as np
 from llama_cpp import Llama
-path, n_prompt, n_gen, reps, threads, n_ctx = sys.argv[1], *map(int, sys.argv[2:7])
-llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
+path, n_prompt, n_gen, reps, threads, n_ctx, kv_type = sys.argv[1], *map(int, sys.argv[2:8])
+kv = {"type_k": kv_type, "type_v": kv_type, "flash_attn": True} if kv_type != 1 else {}  # quantized V needs flash attention
+llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_prompt, n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
 ids = np.random.default_rng(42).integers(1000, llm.n_vocab(), n_prompt).tolist()
 llm.eval(ids[:8])
 pp, tg = [], []
@@ -82,8 +83,11 @@ print(json.dumps({f"pp{n_prompt}_tokens_per_s": statistics.median(pp), f"tg{n_ge
 
 
 def measure_llama_cpp(path: str, n_prompt: int = 512, n_gen: int = 64, reps: int = 3,
-                      threads: int = 2, n_ctx: int = 1024) -> dict[str, Any] | None:
-    """llama.cpp's figures from a child process, or None when llama-cpp-python is not installed."""
+                      threads: int = 2, n_ctx: int = 1024, cache_type: str = "f16") -> dict[str, Any] | None:
+    """llama.cpp's figures from a child process (its KV cache of the same type), or None when
+    llama-cpp-python is not installed."""
+    from ..quant.ggml_types import kv_cache_type
+
     try:
         import importlib.util
 
@@ -92,7 +96,8 @@ def measure_llama_cpp(path: str, n_prompt: int = 512, n_gen: int = 64, reps: int
     except ValueError:
         return None
     r = subprocess.run(
-        [sys.executable, "-c", _LLAMA_CPP_CHILD, str(path), str(n_prompt), str(n_gen), str(reps), str(threads), str(n_ctx)],
+        [sys.executable, "-c", _LLAMA_CPP_CHILD, str(path), str(n_prompt), str(n_gen), str(reps), str(threads), str(n_ctx),
+         str(int(kv_cache_type(cache_type)))],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": str(threads)},
     )
     if r.returncode != 0:

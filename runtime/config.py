@@ -98,6 +98,7 @@ class RuntimeConfig:
     draft_max: int = 8  # tokens proposed per target pass, at most (the length used is the fastest measured)
     sparsity: float = 0.0  # activation-sparse FFN: the fraction of weight reads a decoded token skips (0: dense)
     sparsity_calib: str | None = None  # the calibration text (a file); None: the built-in choice (runtime/sparsity.py)
+    cache_type: str = "f16"  # KV cache elements: f16, q8_0 or q4_0 (blocks of 32 along head_dim, as llama.cpp's)
 
     @property
     def max_threads(self) -> int:
@@ -124,6 +125,16 @@ class RuntimeConfig:
         _check_budget(self)
         _check_speculative(self)
         _check_sparsity(self)
+        _check_cache_type(self)
+
+
+def _check_cache_type(c: RuntimeConfig) -> None:
+    from ..quant.ggml_types import KV_CACHE_TYPES
+
+    t = str(c.cache_type).strip().lower()
+    if t not in KV_CACHE_TYPES:
+        raise ConfigError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, not {c.cache_type!r}")
+    object.__setattr__(c, "cache_type", t)
 
 
 def _check_sparsity(c: RuntimeConfig) -> None:

@@ -1,20 +1,66 @@
-"""KV caches, one per layer, preallocated; float16 like llama.cpp's default cache type.
+"""KV caches, one per layer, preallocated: float16 (llama.cpp's default cache type), or q8_0 /
+q4_0 blocks of 32 along head_dim (`--cache-type`, llama.cpp's -ctk/-ctv names).
 
 `LayerCache` holds every position of the context; `RingCache` (sliding-window layers) holds only
 the last `window + n_batch - 1` positions, position p in row p % rows. Both share one interface:
-`store(k, v, positions)` then `attend(q, positions, scale)`.
+`store(k, v, positions)` then `attend(q, positions, scale)`. A quantized cache is the pair
+(qs, d) that the ops' `kv_store` writes and their attention reads row by row.
+
+Quantized caches hold *rotated* keys and values, as llama.cpp's do since it auto-enabled attention
+rotation for quantized caches: a few channels of qwen2's keys reach 100-160 where the rest are
+near 1, and a 32-value block holding one of them rounds its neighbours to nothing (qwen 0.5B's
+logits move by up to 6 with plain q8_0 keys, by under 1 rotated). An orthonormal Walsh-Hadamard
+matrix H (symmetric, H H = I) spreads each outlier over its chunk: keys and queries are both
+multiplied by H per chunk of `head_dim`'s largest power-of-two divisor (q.k is unchanged), values
+by a 64-wide H, and the attention output by the same H again, which undoes it.
 """
 from __future__ import annotations
 
 import numpy as np
 
-KV_DTYPE = np.float16
+from ..quant.ggml_types import GGMLType, kv_cache_type
+
+
+def allocate(n_rows: int, n_kv: int, head_dim: int, cache_type: str = "f16"):
+    """An empty cache of `cache_type`: float16 (n_rows, n_kv, head_dim), or for q8_0 / q4_0
+    (qs (n_rows, n_kv, head_dim) int8 | (n_rows, n_kv, head_dim // 2) uint8, d (n_rows, n_kv, head_dim // 32) float16)."""
+    t = kv_cache_type(cache_type)
+    if t == GGMLType.F16:
+        return np.zeros((n_rows, n_kv, head_dim), np.float16)
+    if head_dim % 32:
+        raise ValueError(f"a {cache_type} cache needs head_dim a multiple of 32, not {head_dim}")
+    qs = (np.zeros((n_rows, n_kv, head_dim), np.int8) if t == GGMLType.Q8_0
+          else np.zeros((n_rows, n_kv, head_dim // 2), np.uint8))
+    return qs, np.zeros((n_rows, n_kv, head_dim // 32), np.float16)
+
+
+def rotation(head_dim: int, widest: bool) -> int:
+    """The Hadamard size for a head of `head_dim`: the widest power of two dividing it (keys), or
+    64 (values); 0 (no rotation) when head_dim is not a multiple of 64."""
+    if head_dim % 64:
+        return 0
+    n = 64
+    while widest and head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def _nbytes(c) -> int:
+    return sum(a.nbytes for a in c) if isinstance(c, tuple) else c.nbytes
+
+
+def _n_rows(c) -> int:
+    return (c[1] if isinstance(c, tuple) else c).shape[0]
 
 
 class LayerCache:
-    def __init__(self, n_ctx: int, n_kv: int, head_dim: int, head_dim_v: int, ops):
-        self.k = np.zeros((n_ctx, n_kv, head_dim), KV_DTYPE)  # (n_ctx, n_kv_heads, head_dim)
-        self.v = np.zeros((n_ctx, n_kv, head_dim_v), KV_DTYPE)  # (n_ctx, n_kv_heads, head_dim_v)
+    def __init__(self, n_ctx: int, n_kv: int, head_dim: int, head_dim_v: int, ops, cache_type: str = "f16"):
+        self.k = allocate(n_ctx, n_kv, head_dim, cache_type)  # (n_ctx, n_kv_heads, head_dim) values
+        self.v = allocate(n_ctx, n_kv, head_dim_v, cache_type)  # (n_ctx, n_kv_heads, head_dim_v) values
+        self.cache_type = cache_type
+        quantized = isinstance(self.k, tuple)
+        self.k_rot = rotation(head_dim, True) if quantized else 0  # Hadamard sizes, 0: none
+        self.v_rot = rotation(head_dim_v, False) if quantized else 0
         self.ops = ops
         self.window = 0
 
@@ -24,37 +70,45 @@ class LayerCache:
     def store(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
         """k (T, n_kv, head_dim), v (T, n_kv, head_dim_v) at positions (T,) (consecutive)."""
         r = self.rows(positions)
-        self.k[r] = k
-        self.v[r] = v
+        self.ops.kv_store(self.k, self._rotate(k, self.k_rot), r)
+        self.ops.kv_store(self.v, self._rotate(v, self.v_rot), r)
 
     def attend(self, q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
         """q (T, n_head, head_dim) -> (T, n_head, head_dim_v)."""
+        return self._rotate(self._attend(self._rotate(q, self.k_rot), positions, scale), self.v_rot)
+
+    def _rotate(self, x: np.ndarray, n: int) -> np.ndarray:
+        return self.ops.kv_rotate(x, n) if n else x
+
+    def _attend(self, q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
         return self.ops.attention(q, self.k, self.v, positions, scale, self.window)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return _nbytes(self.k) + _nbytes(self.v)
 
 
 class RingCache(LayerCache):
     """A sliding-window layer's cache: only the last `window + n_batch - 1` positions."""
 
-    def __init__(self, window: int, n_batch: int, n_ctx: int, n_kv: int, head_dim: int, head_dim_v: int, ops):
-        super().__init__(min(window + n_batch - 1, n_ctx), n_kv, head_dim, head_dim_v, ops)
+    def __init__(self, window: int, n_batch: int, n_ctx: int, n_kv: int, head_dim: int, head_dim_v: int, ops,
+                 cache_type: str = "f16"):
+        super().__init__(min(window + n_batch - 1, n_ctx), n_kv, head_dim, head_dim_v, ops, cache_type)
         self.window = window
-        self.ring = self.k.shape[0] < n_ctx
+        self.n_rows = _n_rows(self.k)
+        self.ring = self.n_rows < n_ctx
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
-        return positions % self.k.shape[0] if self.ring else positions
+        return positions % self.n_rows if self.ring else positions
 
-    def attend(self, q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
+    def _attend(self, q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
         if not self.ring:
-            return super().attend(q, positions, scale)
+            return super()._attend(q, positions, scale)
         return self.ops.attention_ring(q, self.k, self.v, positions, scale, self.window)
 
     def can_rewind_to(self, n_keep: int, n_past: int) -> bool:
         """Whether positions < n_keep are all still intact after positions < n_past were written."""
-        return n_past - n_keep <= self.k.shape[0] - self.window
+        return n_past - n_keep <= self.n_rows - self.window
 
 
 def make_caches(cfg, rcfg, n_ctx: int, ops) -> list[LayerCache]:
@@ -63,7 +117,7 @@ def make_caches(cfg, rcfg, n_ctx: int, ops) -> list[LayerCache]:
     for i in range(cfg.n_layer):
         if cfg.sliding_window and cfg.swa_layers and cfg.swa_layers[i]:
             caches.append(RingCache(cfg.sliding_window, rcfg.n_batch, n_ctx, cfg.n_head_kv,
-                                    cfg.head_dim, cfg.head_dim_v, ops))
+                                    cfg.head_dim, cfg.head_dim_v, ops, rcfg.cache_type))
         else:
-            caches.append(LayerCache(n_ctx, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, ops))
+            caches.append(LayerCache(n_ctx, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, ops, rcfg.cache_type))
     return caches

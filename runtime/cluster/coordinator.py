@@ -139,7 +139,7 @@ class ClusterModel:
     def _try_setup(self, peers: list[Peer]) -> None:
         f, cfg, rc = self.f, self.cfg, self.rcfg
         opened = OPEN_S.pack(self.digest, f.file_size, self.n_ctx, rc.n_batch, int(self.timeout * 1000),
-                             (rc.backend or "").encode("ascii")[:16])
+                             (rc.backend or "").encode("ascii")[:16], rc.cache_type.encode("ascii"))
         header = None
         for p in peers:
             self._connect(p)
@@ -157,7 +157,7 @@ class ClusterModel:
         weights = [self.split[0]] + [self.split[p.index] for p in peers]
         budgets = [self.budget] + [p.budget or None for p in peers]
         plan = make_plan(cfg, f, weights, budgets, self.n_ctx, rc.n_batch,
-                         names=["the coordinator"] + [p.name for p in peers])
+                         names=["the coordinator"] + [p.name for p in peers], cache_type=rc.cache_type)
         h = plan.digest(self.digest, self.n_ctx, rc.n_batch)
         table = plan.table().astype("<i8")
         for r, p in enumerate(peers, 1):

@@ -2,7 +2,7 @@
 
 | type     | from | payload                                                                      |
 |----------|------|------------------------------------------------------------------------------|
-| OPEN     | C    | model sha256, file size, n_ctx, n_batch, timeout ms, kernel backend name     |
+| OPEN     | C    | model sha256, file size, n_ctx, n_batch, timeout ms, kernel backend, KV type |
 | INFO     | W    | has the model (0 no, 1 its own verified copy, 2 a replica), budget, threads  |
 | PIECE    | C    | tensor index (-1: the GGUF header), axis, lo, hi, offset, piece size; bytes  |
 | PLAN     | C    | this node's rank, node count, plan hash; the plan table int64 (nodes, 6)     |
@@ -25,7 +25,7 @@ NAMES = {v: k for k, v in dict(OPEN=OPEN, INFO=INFO, PLAN=PLAN, NEED=NEED, PIECE
                                READY=READY, STEP=STEP, PARTIAL=PARTIAL, SUM=SUM, LOGITS=LOGITS,
                                ERROR=ERROR, BYE=BYE).items()}
 
-OPEN_S = struct.Struct("<32sQIII16s")
+OPEN_S = struct.Struct("<32sQIII16s8s")
 INFO_S = struct.Struct("<BQI")
 PIECE_S = struct.Struct("<qqqqQQ")
 PLAN_S = struct.Struct("<II32s")

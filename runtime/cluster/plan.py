@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...loaders.gguf import GGUFFile, TensorInfo
+from ...quant.ggml_types import kv_bytes
 from ..config import ModelConfig
 from .wire import VERSION, ClusterError
 
@@ -172,19 +173,19 @@ def weight_bytes(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int) -> int:
     return sum(slice_bytes(f.info(n), sl) for n, sl in node_tensors(cfg, f, s, rank).items())
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_kv: int, n_ctx: int, n_batch: int) -> int:
+def kv_cache_bytes(cfg: ModelConfig, n_kv: int, n_ctx: int, n_batch: int, cache_type: str = "f16") -> int:
     total = 0
     for i in range(cfg.n_layer):
         rows = n_ctx
         if cfg.sliding_window and cfg.swa_layers and cfg.swa_layers[i]:
             rows = min(cfg.sliding_window + n_batch - 1, n_ctx)
-        total += rows * n_kv * (cfg.head_dim + cfg.head_dim_v) * 2  # float16 K and V
+        total += kv_bytes(cache_type, rows * n_kv * (cfg.head_dim + cfg.head_dim_v))  # K and V
     return total
 
 
-def node_bytes(cfg, f, plan: Plan, rank: int, n_ctx: int, n_batch: int) -> int:
+def node_bytes(cfg, f, plan: Plan, rank: int, n_ctx: int, n_batch: int, cache_type: str = "f16") -> int:
     s = plan.nodes[rank]
-    return weight_bytes(cfg, f, s, rank) + kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch)
+    return weight_bytes(cfg, f, s, rank) + kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch, cache_type)
 
 
 # ---- choosing the boundaries ---------------------------------------------------------------------
@@ -252,7 +253,7 @@ def _plan(cfg: ModelConfig, f: GGUFFile, shares: np.ndarray) -> Plan:
 
 
 def make_plan(cfg: ModelConfig, f: GGUFFile, weights, budgets=None, n_ctx: int = 4096,
-              n_batch: int = 512, names=None) -> Plan:
+              n_batch: int = 512, names=None, cache_type: str = "f16") -> Plan:
     """The shard plan for nodes with share `weights` (node 0 = the coordinator) and memory
     `budgets` (bytes, None = unlimited): shares are capped so that each node's weights and KV cache
     fit its budget (water-filling), or ClusterError if the nodes together cannot hold the model."""
@@ -271,16 +272,16 @@ def make_plan(cfg: ModelConfig, f: GGUFFile, weights, budgets=None, n_ctx: int =
         if shares is None:
             break
         plan = _plan(cfg, f, shares)
-        need = [node_bytes(cfg, f, plan, r, n_ctx, n_batch) for r in range(N)]
+        need = [node_bytes(cfg, f, plan, r, n_ctx, n_batch, cache_type) for r in range(N)]
         over = [r for r in range(N) if budgets[r] is not None and need[r] > budgets[r]]
         if not over:
             return plan
         total = sum(weight_bytes(cfg, f, s, r) for r, s in enumerate(plan.nodes))
         for r in over:
             s = plan.nodes[r]
-            room = budgets[r] - kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch)
+            room = budgets[r] - kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch, cache_type)
             caps[r] = min(caps[r], shares[r] * 0.98, max(room, 0) / total)
-    raise ClusterError(_budget_message(cfg, f, plan or _plan(cfg, f, w), budgets, names, n_ctx, n_batch))
+    raise ClusterError(_budget_message(cfg, f, plan or _plan(cfg, f, w), budgets, names, n_ctx, n_batch, cache_type))
 
 
 def _waterfill(w: np.ndarray, caps: np.ndarray) -> np.ndarray | None:
@@ -300,9 +301,9 @@ def _waterfill(w: np.ndarray, caps: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _budget_message(cfg, f, plan, budgets, names, n_ctx, n_batch) -> str:
+def _budget_message(cfg, f, plan, budgets, names, n_ctx, n_batch, cache_type) -> str:
     parts = []
     for r, b in enumerate(budgets):
-        need = node_bytes(cfg, f, plan, r, n_ctx, n_batch)
+        need = node_bytes(cfg, f, plan, r, n_ctx, n_batch, cache_type)
         parts.append(f"{names[r]}: needs {need / 1e6:,.0f} MB, budget {'unlimited' if b is None else f'{b / 1e6:,.0f} MB'}")
     return "the nodes cannot hold the model within their memory budgets (" + "; ".join(parts) + ")"

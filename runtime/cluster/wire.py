@@ -34,7 +34,7 @@ import numpy as np
 from ...errors import EdgeLLMError
 from .messages import ERROR, NAMES
 
-VERSION = 1
+VERSION = 2  # 2: OPEN carries the KV cache type
 MAGIC = b"EGLM"
 HELLO = struct.Struct("<4sHH32s")  # magic, version, role, nonce
 ROLE_COORDINATOR, ROLE_WORKER = 1, 2

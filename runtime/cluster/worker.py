@@ -22,6 +22,7 @@ import numpy as np
 
 from ...errors import EdgeLLMError
 from ...loaders.gguf import GGUFFile
+from ...quant.ggml_types import KV_CACHE_TYPES
 from ..config import RuntimeConfig
 from ..engine import select_kernels
 from ..model import model_class
@@ -145,11 +146,13 @@ class Session:
         _, p = ch.recv(self.deadline(), (OPEN,))
         if len(p) != OPEN_S.size:
             raise ProtocolError("malformed OPEN")
-        digest, size, n_ctx, n_batch, timeout_ms, backend = OPEN_S.unpack(p)
+        digest, size, n_ctx, n_batch, timeout_ms, backend, cache_type = OPEN_S.unpack(p)
         backend = backend.rstrip(b"\0").decode("ascii", "replace")
+        cache_type = cache_type.rstrip(b"\0").decode("ascii", "replace")
         if not (1 <= n_ctx <= 1 << 22 and 1 <= n_batch <= 4096 and 50 <= timeout_ms <= 3_600_000
-                and all(c.isalnum() or c == "_" for c in backend)):
+                and all(c.isalnum() or c == "_" for c in backend) and cache_type in KV_CACHE_TYPES):
             raise ProtocolError("OPEN holds out-of-range settings")
+        self.cache_type = cache_type
         self.timeout = timeout_ms / 1000
         hexd = digest.hex()
         f, has = self._model_file(hexd, size)
@@ -172,7 +175,7 @@ class Session:
         V = f.info("output.weight" if "output.weight" in f.tensors else "token_embd.weight").n_rows
         if not (0 <= s.h0 < s.h1 <= cfg.n_head and 0 <= s.f0 < s.f1 <= cfg.n_ff and 0 <= s.v0 < s.v1 <= V):
             raise ProtocolError("the plan's ranges do not fit the model")
-        need = node_bytes(cfg, f, plan, rank, n_ctx, n_batch)
+        need = node_bytes(cfg, f, plan, rank, n_ctx, n_batch, self.cache_type)
         if self.w.budget and need > self.w.budget:
             raise ClusterError(f"this node's shard needs {need:,} bytes but its memory budget is {self.w.budget:,}")
 
@@ -198,7 +201,7 @@ class Session:
             kern = select_kernels(None, w.threads)
         ops, make_linear = kern.ops, kern.make_linear
         store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
-        rcfg = RuntimeConfig(threads=w.threads, n_ctx=n_ctx, n_batch=n_batch)
+        rcfg = RuntimeConfig(threads=w.threads, n_ctx=n_ctx, n_batch=n_batch, cache_type=self.cache_type)
         self.model = cls(local_config(cfg, s), rcfg, store, ops)
         self.model.reduce = self.reduce
         last = [time.monotonic()]
