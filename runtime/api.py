@@ -30,6 +30,9 @@ from ..loaders.store import DEFAULT_MODEL
 from .chat_template import ChatTemplate
 from .config import ConfigError, RuntimeConfig
 from .engine import Engine, Event
+from .grammar import grammar_for_response_format
+from .tools import (CLOSE, OPEN, ToolError, ToolStream, call_grammar, check_tool_choice, check_tools,
+                    split_tool_calls, supports_tools, template_messages)
 from .sampler import SamplingParams
 
 
@@ -147,52 +150,137 @@ class LLM:
         ids = self._prompt_ids(self.chat_ids(messages))
         return self._events(ids, self._params(sampling, self.chat_template.stop))
 
-    def chat_ids(self, messages: Sequence[Mapping]) -> list[int]:
-        """Token ids of `messages` rendered with the chat template, ending with the assistant's turn."""
+    def chat_ids(self, messages: Sequence[Mapping], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of `messages` rendered with the chat template, ending with the assistant's turn;
+        `tools` (checked OpenAI tools) go to the template, which must have a tool format."""
         tpl = self.chat_template
-        return tpl.encode(self.tokenizer, tpl.render(_check_messages(messages)))
+        msgs = _check_messages(messages)
+        if tools:
+            if not supports_tools(tpl.source):
+                raise ToolError(f"{self.model}'s chat template has no tool-call format; tools cannot be used")
+            return tpl.encode(self.tokenizer, tpl.render(template_messages(msgs), tools=tools))
+        return tpl.encode(self.tokenizer, tpl.render(msgs))
 
     # --- llama-cpp-python compatible ---
 
     def create_completion(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,
-                          model: str | None = None, **sampling):
+                          model: str | None = None, logprobs: int | None = None, response_format=None,
+                          **sampling):
         """llama-cpp-python's `create_completion` (`max_tokens` defaults to 16 as there): an OpenAI
-        `text_completion` dict, or with `stream=True` an iterator of chunks (`choices[0]["text"]`)."""
+        `text_completion` dict, or with `stream=True` an iterator of chunks (`choices[0]["text"]`).
+        `logprobs=N` (0..20): each token's log-probability and the N likeliest alternatives, in
+        OpenAI's completions shape; `response_format` as in `create_chat_completion`."""
         ids = self._prompt_ids(prompt)
-        events = self._events(ids, self._params(sampling, default_max=16))
+        events = self._events(ids, self._params(sampling, default_max=16, logprobs=logprobs,
+                                                response_format=response_format))
         head = self._head("cmpl", "text_completion", model)
         pre = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
+        lp = None if logprobs is None else self._completion_logprobs
 
-        def choice(text, reason):
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+        def choice(text, reason, evs=()):
+            return {"text": text, "index": 0, "logprobs": lp(evs) if lp else None, "finish_reason": reason}
 
         if stream:
-            return self._chunks(events, head, lambda t, r: [choice(t, r)], pre)
-        text, reason, n = self._drain(events)
-        return {**head, "choices": [choice(pre + text, reason)], "usage": _usage(len(ids), n)}
+            return self._chunks(events, head, lambda t, r, evs: [choice(t, r, evs)], pre)
+        text, reason, n, evs = self._drain(events)
+        return {**head, "choices": [choice(pre + text, reason, evs)], "usage": _usage(len(ids), n)}
 
     def create_chat_completion(self, messages: Sequence[Mapping], *, stream: bool = False,
-                               model: str | None = None, **sampling):
+                               model: str | None = None, logprobs: bool = False, top_logprobs: int | None = None,
+                               response_format=None, tools=None, tool_choice=None, **sampling):
         """llama-cpp-python's `create_chat_completion`: an OpenAI `chat.completion` dict
         (`choices[0]["message"]["content"]`, `usage`), or with `stream=True` an iterator of
-        `chat.completion.chunk` dicts (`choices[0]["delta"]`)."""
-        ids = self._prompt_ids(self.chat_ids(messages))
-        events = self._events(ids, self._params(sampling, self.chat_template.stop))
+        `chat.completion.chunk` dicts (`choices[0]["delta"]`).
+        `response_format`: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}}}: decoding is constrained (llguidance) so that the reply
+        parses and matches the schema unless `max_tokens` cuts it. `logprobs=True` (with
+        `top_logprobs` 0..20): `choices[0]["logprobs"]["content"]` as OpenAI gives it.
+        `tools` / `tool_choice` ("auto", "none", "required" or {"type": "function", "function":
+        {"name": ...}}): the model's own tool format (runtime/tools.py); calls come back as
+        `message["tool_calls"]` with finish_reason "tool_calls" (streamed as `delta["tool_calls"]`)."""
+        if not isinstance(logprobs, bool):
+            raise InvalidArgument(f"logprobs must be true or false, not {logprobs!r}")
+        if top_logprobs is not None and not logprobs:
+            raise InvalidArgument("top_logprobs needs logprobs: true")
+        tools = check_tools(tools) if tools is not None else None
+        choice = check_tool_choice(tool_choice, tools or [])
+        use_tools = bool(tools) and choice != "none"
+        if use_tools and choice != "auto" and response_format is not None:
+            raise InvalidArgument("tool_choice that forces a call and response_format cannot be combined")
+        ids = self._prompt_ids(self.chat_ids(messages, tools if use_tools else None))
+        n_top = (top_logprobs or 0) if logprobs else None
+        params = self._params(sampling, self.chat_template.stop, logprobs=n_top, response_format=response_format)
+        if use_tools and choice != "auto":
+            vocab = self.tokenizer.vocab
+            params = dataclasses.replace(params, grammar=call_grammar(tools, choice, vocab.get(OPEN), vocab.get(CLOSE)))
+        events = self._events(ids, params)
+        lp = self._chat_logprobs if logprobs else None
         if stream:
             head = self._head("chatcmpl", "chat.completion.chunk", model)
-
-            def delta(text, reason):
-                d = {} if reason else {"content": text}
-                return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]
-
             first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
                                           "finish_reason": None}]}
+            if use_tools:
+                return self._tool_chunks(events, head, first, lp, {t["function"]["name"] for t in tools})
+
+            def delta(text, reason, evs):
+                d = {} if reason else {"content": text}
+                return [{"index": 0, "delta": d, "logprobs": lp(evs) if lp and evs else None, "finish_reason": reason}]
+
             return self._chunks(events, head, delta, first=first)
-        text, reason, n = self._drain(events)
+        text, reason, n, evs = self._drain(events)
         msg = {"role": "assistant", "content": text}
+        if use_tools:
+            content, calls = split_tool_calls(text, {t["function"]["name"] for t in tools})
+            if calls:
+                msg = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                reason = "tool_calls"
         return {**self._head("chatcmpl", "chat.completion", model),
-                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": reason}],
+                "choices": [{"index": 0, "message": msg, "logprobs": lp(evs) if lp else None, "finish_reason": reason}],
                 "usage": _usage(len(ids), n)}
+
+    def _tool_chunks(self, events, head, first, lp, names):
+        """Stream chunks of a reply that may call tools: content as it comes, each call in one
+        `delta["tool_calls"]` chunk once its block is complete."""
+        split, n_calls, pending = ToolStream(names), 0, []
+
+        def chunk(delta, reason=None, evs=()):
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp(evs) if lp and evs else None,
+                                         "finish_reason": reason}]}
+        with contextlib.closing(events):
+            yield first
+            for ev in events:
+                if not (ev.finish_reason == "stop" and self.tokenizer.is_eog(ev.token)):
+                    pending.append(ev)
+                text, calls = split.feed(ev.text)
+                if ev.finish_reason:
+                    rest, more = split.flush()
+                    text, calls = text + rest, calls + more
+                if text:
+                    yield chunk({"content": text}, evs=pending)
+                    pending = []
+                for c in calls:
+                    yield chunk({"tool_calls": [{"index": n_calls, **c}]}, evs=pending)
+                    pending, n_calls = [], n_calls + 1
+                if ev.finish_reason:
+                    yield chunk({}, "tool_calls" if n_calls else ev.finish_reason, pending)
+
+    def _token_entry(self, tok: int, logprob: float) -> dict:
+        b = self.tokenizer.token_bytes(tok, special=True)
+        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+
+    def _chat_logprobs(self, evs) -> dict:
+        return {"content": [{**self._token_entry(e.token, e.logprob),
+                             "top_logprobs": [self._token_entry(i, lp) for i, lp in e.top_logprobs]} for e in evs]}
+
+    def _completion_logprobs(self, evs) -> dict:
+        tokens, offsets, at = [], [], 0
+        for e in evs:
+            tokens.append(self.tokenizer.token_bytes(e.token, special=True).decode("utf-8", "replace"))
+            offsets.append(at)
+            at += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in evs],
+                "top_logprobs": [{self._token_entry(i, lp)["token"]: lp for i, lp in e.top_logprobs} for e in evs],
+                "text_offset": offsets}
 
     def reset(self) -> None:
         """Forget the KV cache: the next call processes its whole prompt. (Greedy outputs can differ
@@ -252,8 +340,14 @@ class LLM:
             raise EdgeLLMError("another generation of this LLM is still open in this thread; "
                                "finish or close it first")
 
-    def _params(self, kw: dict, stop: tuple[str, ...] = (), default_max: int | None = None) -> SamplingParams:
+    def _params(self, kw: dict, stop: tuple[str, ...] = (), default_max: int | None = None,
+                logprobs: int | None = None, response_format=None) -> SamplingParams:
         kw = dict(kw)
+        response_format = kw.pop("response_format", response_format)  # stream()/chat() take it too
+        if logprobs is not None:
+            kw["logprobs"] = logprobs
+        if response_format is not None:
+            kw["grammar"] = grammar_for_response_format(response_format)  # GrammarError: a ValueError
         aliases = ("max_tokens", "max_new_tokens", "n_predict")
         if default_max is not None and not any(a in kw for a in aliases):
             kw["max_tokens"] = default_max
@@ -296,26 +390,32 @@ class LLM:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
                 "model": model or self.model}
 
-    def _drain(self, events: Iterator[Event]) -> tuple[str, str | None, int]:
-        pieces, reason, n = [], None, 0
+    def _drain(self, events: Iterator[Event]) -> tuple[str, str | None, int, list[Event]]:
+        """(text, finish reason, completion tokens, their events: an ending EOG token left out)."""
+        pieces, reason, kept = [], None, []
         for ev in events:
             pieces.append(ev.text)
             reason = ev.finish_reason
-            n += not (reason == "stop" and self.tokenizer.is_eog(ev.token))
-        return "".join(pieces), reason, n
+            if not (reason == "stop" and self.tokenizer.is_eog(ev.token)):
+                kept.append(ev)
+        return "".join(pieces), reason, len(kept), kept
 
-    @staticmethod
-    def _chunks(events, head, choices, pre: str = "", first: dict | None = None):
+    def _chunks(self, events, head, choices, pre: str = "", first: dict | None = None):
+        """Stream chunks: one per event with text, carrying the events since the last chunk."""
         with contextlib.closing(events):
             if first:
                 yield first
             if pre:
-                yield {**head, "choices": choices(pre, None)}
+                yield {**head, "choices": choices(pre, None, [])}
+            pending = []
             for ev in events:
+                if not (ev.finish_reason == "stop" and self.tokenizer.is_eog(ev.token)):
+                    pending.append(ev)
                 if ev.text:
-                    yield {**head, "choices": choices(ev.text, None)}
+                    yield {**head, "choices": choices(ev.text, None, pending)}
+                    pending = []
                 if ev.finish_reason:
-                    yield {**head, "choices": choices("", ev.finish_reason)}
+                    yield {**head, "choices": choices("", ev.finish_reason, pending)}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

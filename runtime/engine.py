@@ -23,7 +23,7 @@ from . import gemma3, llama  # noqa: F401  (register the architectures)
 from .config import RuntimeConfig
 from .kv_cache import RingCache
 from .model import model_class
-from .sampler import Sampler, SamplingParams, StopMatcher
+from .sampler import Sampler, SamplingParams, StopMatcher, logprobs
 from .tokenizer import StreamDecoder, Tokenizer
 from ..offload import StreamingWeights
 from .weights import Weights
@@ -59,6 +59,8 @@ class Event:
     text: str
     tokens_per_s: float
     finish_reason: str | None = None  # "stop" (end of generation or stop string), "length", or None
+    logprob: float | None = None  # with SamplingParams.logprobs: the token's log-probability
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # and the most likely (id, log-probability) pairs
 
 
 @dataclass
@@ -302,11 +304,11 @@ class Engine:
     # --- generation ---
 
     def _plain(self, logits, sampler, history):
-        """Tokens one decode step at a time."""
+        """(token, the logits it was sampled from), one decode step at a time."""
         while True:
             tok = sampler.sample(logits, history)
             history.append(tok)
-            yield tok
+            yield tok, logits
             logits = self.decode_one(tok)
 
     def _speculative(self, logits, sampler, history, st):
@@ -318,7 +320,7 @@ class Engine:
         tok = sampler.sample(logits, history)
         history.append(tok)
         try:
-            yield tok
+            yield tok, None
             while True:
                 room = self.n_ctx - len(self.tokens) - 1
                 k = min(ctl.k, room)
@@ -332,14 +334,19 @@ class Engine:
                 self.rollback(n0 + 1 + n_ok)
                 for x in drafts[:n_ok]:
                     history.append(x)
-                    yield x
+                    yield x, None
                 history.append(tok)
-                yield tok
+                yield tok, None
         finally:
             st.speculative = ctl.report()
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
-        """Prefill `prompt_ids`, then sample until end of generation, a stop string or a limit."""
+        """Prefill `prompt_ids`, then sample until end of generation, a stop string, the end of
+        the grammar (`params.grammar`) or a limit."""
+        constraint = None
+        if params.grammar is not None:
+            from .grammar import Constraint
+            constraint = Constraint(self.tokenizer, self.config.n_vocab, params.grammar)
         st = self.stats = Stats()
         t0 = time.perf_counter()
         logits = self.prefill(list(prompt_ids))
@@ -347,7 +354,7 @@ class Engine:
             self.proposer.prepare(prompt_ids)  # a draft model reads the prompt too
         st.prompt_tokens = len(prompt_ids) - st.cached_tokens
         st.prompt_s = time.perf_counter() - t0
-        sampler = Sampler(params, self.config.n_vocab, sorted(self.tokenizer.eog_ids))
+        sampler = Sampler(params, self.config.n_vocab, sorted(self.tokenizer.eog_ids), constraint)
         decoder = StreamDecoder(self.tokenizer)
         stops = StopMatcher(params.stop)
         history = list(prompt_ids)
@@ -356,10 +363,13 @@ class Engine:
             limit = min(limit, params.max_tokens)
         t_gen = time.perf_counter()
         n = 0
-        tokens = (self._speculative(logits, sampler, history, st) if self.proposer is not None
-                  else self._plain(logits, sampler, history))
+        plain = self.proposer is None or constraint is not None or params.logprobs is not None
+        tokens = self._plain(logits, sampler, history) if plain else self._speculative(logits, sampler, history, st)
         try:
-            for tok in tokens if limit > 0 else ():
+            for tok, step_logits in tokens if limit > 0 else ():
+                lp = {}
+                if params.logprobs is not None:
+                    lp = dict(zip(("logprob", "top_logprobs"), logprobs(step_logits, tok, params.logprobs)))
                 n += 1
                 now = time.perf_counter()
                 if n == 1:
@@ -368,17 +378,18 @@ class Engine:
                 st.ids.append(tok)
                 if self.tokenizer.is_eog(tok) and not params.ignore_eos:
                     text, _ = stops.feed(decoder.flush())
-                    yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop")
+                    yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop", **lp)
                     break
                 text, hit = stops.feed(decoder.feed(tok))
                 if hit:
-                    yield Event(tok, text, st.tokens_per_s, "stop")
+                    yield Event(tok, text, st.tokens_per_s, "stop", **lp)
                     break
-                if n >= limit:
+                done = constraint is not None and constraint.stopped  # the grammar is complete
+                if n >= limit or done:
                     text += stops.feed(decoder.flush())[0] + stops.flush()
-                    yield Event(tok, text, st.tokens_per_s, "length")
+                    yield Event(tok, text, st.tokens_per_s, "stop" if done else "length", **lp)
                     break
-                yield Event(tok, text, st.tokens_per_s)
+                yield Event(tok, text, st.tokens_per_s, **lp)
             st.gen_s = time.perf_counter() - t_gen
         finally:  # also when the caller stops reading early: /stats sees real figures
             tokens.close()

@@ -34,6 +34,8 @@ def _real(name: str, v, rule: str, lo: float = -math.inf, hi: float = math.inf, 
     return float(v)
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+
 _ALIASES = {
     "temp": "temperature",
     "max_new_tokens": "max_tokens",
@@ -62,6 +64,8 @@ class SamplingParams:
     max_tokens: int = -1  # -1: until end of generation or a full context
     stop: tuple[str, ...] = ()  # stop strings; not emitted
     ignore_eos: bool = False  # ban end-of-generation tokens instead of stopping on them
+    grammar: str | None = None  # an llguidance grammar the output must match (runtime/grammar.py)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives (0..20)
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
@@ -83,6 +87,12 @@ class SamplingParams:
         put("stop", tuple(stop))
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingError("grammar must be None or an llguidance grammar string")
+        if self.logprobs is not None:
+            put("logprobs", _int("logprobs", self.logprobs, 0, "None or an integer in 0..20"))
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise SamplingError(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -191,7 +201,7 @@ class Sampler:
     `seed` holds the seed in use, so a run with a random seed can be replayed.
     """
 
-    def __init__(self, params: SamplingParams, n_vocab: int, eog_ids: Sequence[int] = ()):
+    def __init__(self, params: SamplingParams, n_vocab: int, eog_ids: Sequence[int] = (), constraint=None):
         if not isinstance(params, SamplingParams):
             raise SamplingError(f"params must be SamplingParams, got {type(params).__name__}")
         self.params = params
@@ -199,6 +209,7 @@ class Sampler:
         self.banned = np.asarray(eog_ids if params.ignore_eos else (), dtype=np.int64)  # (n_banned,)
         if self.banned.size and (self.banned.min() < 0 or self.banned.max() >= n_vocab):
             raise SamplingError(f"eog_ids must be in [0, {n_vocab}), got {list(eog_ids)}")
+        self.constraint = constraint  # a grammar.Constraint: masks the logits, consumes each sampled token
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
 
@@ -210,12 +221,15 @@ class Sampler:
         if self.banned.size:
             x = x.copy()
             x[self.banned] = -np.inf
+        if self.constraint is not None:
+            x = np.where(self.constraint.allowed(), x, np.float32(-np.inf))
         x = apply_penalties(x, history, self.params)
         m = x.max()
         if np.isnan(m):
             raise SamplingError("logits contain NaN")
         if m == -np.inf:
-            raise SamplingError("every token's logit is -inf: nothing left to sample")
+            raise SamplingError("every token's logit is -inf: nothing left to sample"
+                                + (" (the grammar allows only tokens that are banned)" if self.constraint else ""))
         if m == np.inf:  # only the +inf tokens can be chosen, uniformly
             x = np.where(x == np.inf, np.float32(0), np.float32(-np.inf))
         return x
@@ -225,12 +239,28 @@ class Sampler:
         if the caller wants it penalised). Does not write to `logits`."""
         x = self.logits(logits, history)  # (n_vocab,)
         if self.params.greedy:
-            return int(np.argmax(x))  # first maximum: ties go to the lowest id
-        ids = filter_candidates(x, self.params)  # (n_cand,), largest logit first
-        z = x[ids].astype(np.float64) / self.params.temperature  # (n_cand,)
-        cum = np.cumsum(np.exp(z - z[0]))  # (n_cand,) unnormalised CDF
-        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
-        return int(ids[min(i, ids.size - 1)])
+            tok = int(np.argmax(x))  # first maximum: ties go to the lowest id
+        else:
+            ids = filter_candidates(x, self.params)  # (n_cand,), largest logit first
+            z = x[ids].astype(np.float64) / self.params.temperature  # (n_cand,)
+            cum = np.cumsum(np.exp(z - z[0]))  # (n_cand,) unnormalised CDF
+            i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+            tok = int(ids[min(i, ids.size - 1)])
+        if self.constraint is not None:
+            self.constraint.consume(tok)
+        return tok
+
+
+def logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of `token` under logits (n_vocab,) (softmax at temperature 1,
+    before any sampling filter, as OpenAI reports them) and the `n_top` most likely tokens with
+    theirs, most likely first."""
+    x32 = np.asarray(logits, dtype=np.float32)  # (n_vocab,)
+    x = x32.astype(np.float64)
+    m = x.max()
+    lse = m + math.log(np.exp(x - m).sum())
+    top = _top_sorted(x32, n_top) if n_top else np.zeros(0, np.int64)
+    return float(x[token] - lse), tuple((int(i), float(x[i] - lse)) for i in top)
 
 
 class StopMatcher:

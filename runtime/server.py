@@ -16,8 +16,11 @@ more wait, and a client that disconnects mid-stream stops its generation at the 
 
 Request fields: OpenAI's sampling fields (max_tokens / max_completion_tokens, temperature, top_p,
 stop, seed, presence_penalty, frequency_penalty) and llama.cpp's extras (top_k, min_p,
-repeat_penalty). Fields this server does not implement yet (tools, response_format, logprobs,
-n > 1) are refused with 400 naming them rather than ignored.
+repeat_penalty); `response_format` (json_object, json_schema: constrained decoding with llguidance,
+ollama's `format`), `logprobs` / `top_logprobs` (chat) and `logprobs: N` (completions); `tools` /
+`tool_choice` (chat: the model's own tool format, runtime/tools.py). Fields
+this server does not implement (n > 1, logit_bias, the old `functions`, ...) are refused with
+400 naming them rather than ignored.
 """
 
 import asyncio
@@ -30,6 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import EdgeLLMError
+from .sampler import MAX_TOP_LOGPROBS
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOP = 8  # stop strings per request (OpenAI allows 4)
@@ -39,8 +43,8 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "st
              "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty"}
 _IGNORED = {"model", "stream", "user", "stream_options", "n", "max_tokens", "max_completion_tokens",
             "messages", "prompt", "echo"}
-_UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "response_format", "logprobs",
-                "top_logprobs", "logit_bias", "suffix", "best_of", "parallel_tool_calls"}
+_UNSUPPORTED = {"functions", "function_call", "logit_bias", "suffix", "best_of"}
+_OUTPUT = {"response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}  # _output
 
 
 class HTTPError(Exception):
@@ -59,7 +63,7 @@ def _sampling(body: dict, n_ctx: int, n_prompt: int, default_max: int | None = N
     bad = sorted(set(body) & _UNSUPPORTED)
     if bad:
         raise HTTPError(400, f"{', '.join(bad)}: not supported by this server yet", param=bad[0])
-    unknown = sorted(set(body) - _UNSUPPORTED - _IGNORED - set(_SAMPLING))
+    unknown = sorted(set(body) - _UNSUPPORTED - _IGNORED - _OUTPUT - set(_SAMPLING))
     if unknown:
         raise HTTPError(400, f"unknown field{'s' * (len(unknown) > 1)}: {', '.join(unknown)}", param=unknown[0])
     if body.get("n", 1) != 1:
@@ -95,6 +99,54 @@ def _sampling(body: dict, n_ctx: int, n_prompt: int, default_max: int | None = N
                              f"{n_ctx} tokens", param="max_tokens", code="context_length_exceeded")
     else:
         kw["max_tokens"] = limit
+    return kw
+
+
+def _output(body: dict, kind: str) -> dict:
+    """The LLM's output keywords (response_format, logprobs, tools) from a request body, checked."""
+    from .grammar import GrammarError, grammar_for_response_format
+    from .tools import ToolError, check_tool_choice, check_tools
+
+    kw: dict[str, Any] = {}
+    if kind != "chat" and (body.get("tools") is not None or body.get("tool_choice") is not None):
+        raise HTTPError(400, "tools are a chat field", param="tools")
+    if body.get("tools") is not None or body.get("tool_choice") is not None:
+        try:
+            tools = check_tools(body["tools"]) if body.get("tools") is not None else []
+            check_tool_choice(body.get("tool_choice"), tools)
+            kw["tool_choice"] = body.get("tool_choice")
+        except ToolError as e:
+            raise HTTPError(400, str(e), param="tools") from None
+        if tools:
+            kw["tools"] = tools
+        if not isinstance(body.get("parallel_tool_calls", True), bool):
+            raise HTTPError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    rf = body.get("response_format")
+    if rf is not None:
+        try:
+            grammar_for_response_format(rf)  # a bad schema is the client's error, before any queueing
+        except GrammarError as e:
+            raise HTTPError(400, str(e), param="response_format") from None
+        kw["response_format"] = rf
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "chat":
+        if lp is not None and not isinstance(lp, bool):
+            raise HTTPError(400, "logprobs must be true or false", param="logprobs")
+        if top is not None:
+            if not lp:
+                raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise HTTPError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}", param="top_logprobs")
+            kw["top_logprobs"] = top
+        if lp:
+            kw["logprobs"] = True
+    else:
+        if top is not None:
+            raise HTTPError(400, "top_logprobs is a chat field; completions take logprobs: N", param="top_logprobs")
+        if lp is not None:
+            if not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_TOP_LOGPROBS:
+                raise HTTPError(400, f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}", param="logprobs")
+            kw["logprobs"] = lp
     return kw
 
 
@@ -216,17 +268,20 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             raise HTTPError(400, "stream must be true or false", param="stream")
         return stream
 
-    def _chat_ids(messages) -> list[int]:
+    def _chat_ids(messages, out: dict | None = None) -> list[int]:
+        out = out or {}
+        tools = out.get("tools") if out.get("tool_choice", "auto") != "none" else None
         try:
-            return llm.chat_ids(messages)
+            return llm.chat_ids(messages, tools)
         except EdgeLLMError as e:
             raise HTTPError(400, str(e), param="messages") from None
 
     async def _complete(kind: str, body: dict, request: Request):
         _model(body)
         stream = _stream_flag(body, False)
+        out = _output(body, kind)
         if kind == "chat":
-            ids = _chat_ids(body.get("messages"))
+            ids = _chat_ids(body.get("messages"), out)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -238,6 +293,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             raise HTTPError(400, f"the prompt has {len(ids)} tokens; the context holds {llm.n_ctx}",
                             code="context_length_exceeded")
         kw = _sampling(body, llm.n_ctx, len(ids), None if kind == "chat" else 16)  # OpenAI's completions default
+        kw |= out
         gate.enter()
         try:
             call = llm.create_chat_completion if kind == "chat" else llm.create_completion
@@ -250,7 +306,10 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
                 gate.leave()
                 metrics.generation(llm.stats)
                 return JSONResponse(r)
-            chunks = call(arg, stream=True, model=model_name, **kw)
+            try:
+                chunks = call(arg, stream=True, model=model_name, **kw)
+            except EdgeLLMError as e:
+                raise HTTPError(400, str(e)) from None
         except BaseException:
             gate.leave()
             raise
@@ -296,7 +355,17 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
         fields = {names[k]: v for k, v in opts.items() if k in names}
         if "num_predict" in opts and opts["num_predict"] not in (None, -1):
             fields["max_tokens"] = opts["num_predict"]
-        return _sampling(fields, llm.n_ctx, n_prompt)
+        kw = _sampling(fields, llm.n_ctx, n_prompt)
+        fmt = body.get("format")  # ollama: "json", or a JSON schema
+        if fmt not in (None, ""):
+            if fmt == "json":
+                rf = {"type": "json_object"}
+            elif isinstance(fmt, dict):
+                rf = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+            else:
+                raise HTTPError(400, 'format must be "json" or a JSON schema object', param="format")
+            kw["response_format"] = _output({"response_format": rf}, "chat")["response_format"]
+        return kw
 
     async def _ollama(kind: str, request: Request):
         body = await _json(request)
@@ -322,7 +391,10 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
             kw["stop"] = tuple(kw.get("stop", ())) + stop
         gate.enter()
         try:
-            events = llm.stream(ids, **kw)
+            try:
+                events = llm.stream(ids, **kw)
+            except EdgeLLMError as e:
+                raise HTTPError(400, str(e)) from None
         except BaseException:
             gate.leave()
             raise

@@ -258,28 +258,30 @@ def test_cluster_matches_single_node(nodes, name):
 
 
 def test_workers_use_the_coordinators_cache_type(nodes):
-    """OPEN carries the KV cache type: two nodes with q8_0 give the single node's q8_0 logits up to
-    float summation order (which may flip a value's rounding), far closer than float16's."""
+    """OPEN carries the KV cache type: two nodes with q4_0 give logits near the single node's q4_0
+    ones and far from float16's. Not equal: the shards' partial sums differ from one node's in the
+    last bits, and q4_0's coarse rounding turns that into flipped values downstream (measured
+    median max |difference| 0.44 vs 1.63 for float16; a worker left on float16 would sit midway)."""
     name = "qwen2.5-coder-0.5b"
     path = model_file(name)
     out = {}
-    for key, kw in (("single f16", {}), ("single q8_0", {"cache_type": "q8_0"})):
+    for key, kw in (("single f16", {}), ("single q4_0", {"cache_type": "q4_0"})):
         eng = Engine(path, RuntimeConfig(n_ctx=512, threads=1, backend="numpy", **kw))
         try:
             ids = eng.tokenizer.encode("def mean(xs):\n    total = 0\n    for x in xs:\n")
             out[key] = eng.prefill(ids, all_logits=True)
         finally:
             eng.close()
-    eng = cluster_engine(name, [nodes[0].address], cache_type="q8_0")
+    eng = cluster_engine(name, [nodes[0].address], cache_type="q4_0")
     try:
-        out["cluster q8_0"] = eng.prefill(ids, all_logits=True)
+        out["cluster q4_0"] = eng.prefill(ids, all_logits=True)
         assert isinstance(eng.model.caches[0].k, tuple)
     finally:
         eng.close()
-    same = np.abs(out["cluster q8_0"] - out["single q8_0"]).max(axis=1)  # (T,): a rounding flip here and there
-    other = np.abs(out["single f16"] - out["single q8_0"]).max(axis=1)
-    print(f"\nmedian max |logit difference|: cluster vs single q8_0 {np.median(same):.4f}, f16 vs q8_0 {np.median(other):.4f}")
-    assert np.median(same) < np.median(other) / 5, (np.median(same), np.median(other))
+    same = np.abs(out["cluster q4_0"] - out["single q4_0"]).max(axis=1)  # (T,)
+    other = np.abs(out["single f16"] - out["single q4_0"]).max(axis=1)
+    print(f"\nmedian max |logit difference|: cluster vs single q4_0 {np.median(same):.4f}, f16 vs q4_0 {np.median(other):.4f}")
+    assert np.median(same) < np.median(other) / 3, (np.median(same), np.median(other))
 
 
 # ---- faults -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -87,6 +88,141 @@ def test_text_completion_and_models(srv):
     assert [m.id for m in c.models.list().data] == [MODEL]
 
 
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "languages"],
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 18, "maximum": 99},
+                         "languages": {"type": "array", "items": {"enum": ["python", "c", "rust", "go"]},
+                                       "minItems": 1, "maxItems": 3}}}
+
+
+@pytest.mark.parametrize("temperature,seed", [(0, None), (1.0, 1), (1.0, 2)])
+def test_json_schema_output_parses_and_validates(srv, temperature, seed):
+    """Constrained decoding (llguidance): greedy and sampled replies parse and validate against the
+    schema, and end by themselves (finish_reason stop) well inside max_tokens."""
+    jsonschema = pytest.importorskip("jsonschema")
+    base, _ = srv
+    r = _client(base).chat.completions.create(
+        model=MODEL, temperature=temperature, seed=seed, max_tokens=120,
+        messages=[{"role": "user", "content": "Describe a fictional programmer."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), PERSON)
+    assert r.choices[0].finish_reason == "stop", text
+
+
+def test_json_object_and_ollama_format(srv):
+    base, llm = srv
+    r = _client(base).chat.completions.create(model=MODEL, temperature=0, max_tokens=80, messages=MSG,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "stream": False, "messages": MSG, "format": PERSON, "options": {"temperature": 0}}
+    out = httpx.post(base + "/api/chat", json=body, headers=h, timeout=120).json()
+    assert set(json.loads(out["message"]["content"])) == {"name", "age", "languages"}
+    lib = llm.create_chat_completion(MSG, temperature=0, max_tokens=80, response_format={"type": "json_object"})
+    assert lib["choices"][0]["message"]["content"] == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("rf, msg", [
+    ({"type": "xml"}, "not one of"),
+    ({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}, "cannot be used"),
+    ("json", "must be an object"),
+])
+def test_bad_response_format_is_400(srv, rf, msg):
+    base, _ = srv
+    h = {"Authorization": f"Bearer {KEY}"}
+    for stream in (False, True):
+        r = httpx.post(base + "/v1/chat/completions", headers=h, timeout=60,
+                       json={"model": MODEL, "messages": MSG, "response_format": rf, "stream": stream})
+        assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
+
+
+def test_logprobs_are_the_models_and_match_the_tokens(srv):
+    """Chat logprobs: one entry per generated token, its bytes joining to the reply, its logprob the
+    first of its top alternatives under greedy decoding, all of them log-probabilities (<= 0)
+    that agree with a softmax of the model's own logits; completions give OpenAI's legacy shape."""
+    base, llm = srv
+    r = _client(base).chat.completions.create(model=MODEL, messages=MSG, temperature=0, max_tokens=6,
+                                              logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in content).decode() == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    ids = llm.chat_ids(MSG)
+    logits = llm._engine.prefill(ids).astype(np.float64)  # (n_vocab,)
+    first = -np.log(np.exp(logits - logits.max()).sum())  # log-softmax of the top token
+    assert content[0].logprob == pytest.approx(first, abs=1e-4)
+    c = _client(base).completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=4, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == 4
+    assert all(len(d) <= 2 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                   "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "required": ["a", "b"], "additionalProperties": False,
+                       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_calls_follow_the_schema(srv, choice):
+    """tool_choice required / named: one call through the model's <tool_call> format, constrained
+    so that its arguments validate against the function's parameters; streamed, the same call
+    arrives as a delta.tool_calls chunk and the stream ends with finish_reason tool_calls."""
+    jsonschema = pytest.importorskip("jsonschema")
+    base, _ = srv
+    c = _client(base)
+    r = c.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice=choice,
+                                  temperature=0, max_tokens=80)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    want = "add" if isinstance(choice, dict) else call.function.name
+    assert call.function.name == want and call.id.startswith("call_")
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == want)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    chunks = list(c.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice=choice,
+                                            temperature=0, max_tokens=80, stream=True))
+    deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [(want, call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tool_result_turn_renders_and_answers(srv):
+    """The assistant's call (arguments as OpenAI's JSON string) and the tool's result go back
+    through the chat template; the model answers in text."""
+    base, llm = srv
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris"}'}}
+    msgs = WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
+    text = llm.detokenize(llm.chat_ids(msgs, TOOLS), special=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert "<tool_response>\n18 C, sunny\n</tool_response>" in text and '"name": "add"' in text
+    r = _client(base).chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, tool_choice="none",
+                                              temperature=0, max_tokens=24)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("tools, choice, msg", [
+    ([{"type": "function", "function": {"name": "bad name!"}}], None, "name must be"),
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+    ("add", None, "must be a list"),
+])
+def test_bad_tools_are_400(srv, tools, choice, msg):
+    base, _ = srv
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "messages": MSG, "tools": tools, **({"tool_choice": choice} if choice else {})}
+    r = httpx.post(base + "/v1/chat/completions", headers=h, json=body, timeout=60)
+    assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
+
+
 def test_tokenize_round_trip(srv):
     base, llm = srv
     h = {"Authorization": f"Bearer {KEY}"}
@@ -103,6 +239,7 @@ def test_tokenize_round_trip(srv):
     ({"model": MODEL, "messages": MSG, "temperature": "hot"}, None, 400, None),
     ({"model": MODEL, "messages": MSG, "max_tokens": 100000}, None, 400, "context_length_exceeded"),
     ({"model": MODEL, "messages": MSG, "tools": []}, None, 400, None),
+    ({"model": MODEL, "messages": MSG, "functions": []}, None, 400, None),
     ({"model": MODEL, "messages": MSG, "frobnicate": 1}, None, 400, None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, None, 413, "body_too_large"),
 ])
