@@ -584,7 +584,9 @@ def serve(
     port: int = typer.Option(8080, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require Authorization: Bearer KEY"),
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="read the API key from a file"),
-    queue: int = typer.Option(8, "--queue", min=0, max=1024, help="requests that may wait while one generates"),
+    queue: int = typer.Option(8, "--queue", min=0, max=1024, help="requests that may wait while others generate"),
+    parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=16, help="requests generated at once, batched "
+                                 "token by token (each holds a KV cache of --ctx tokens)"),
     threads: Optional[str] = THREADS,
     ctx: int = CTX,
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the server may use, e.g. 800M"),
@@ -609,19 +611,15 @@ def serve(
         raise rt.EdgeLLMError(f"refusing to listen on {host} without an API key: give --api-key or --api-key-file "
                               "(or keep the default 127.0.0.1)")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise rt.EdgeLLMError("the server needs its extra: pip install 'edgellm[serve]'") from None
-    from .runtime.api import load
 
     _resolve(model)
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max),
-                **_sparse(sparsity, sparsity_calib), **_cache(cache_type)}
-    with load(model, **settings) as llm:
-        app_ = server.create_app(llm, model, api_key=api_key, queue=queue)
-        typer.echo(f"edgellm serving {model} on http://{host}:{port}/v1 (Ctrl+C stops)", err=True)
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+                **_sparse(sparsity, sparsity_calib), **_cache(cache_type), **({"parallel": parallel} if parallel > 1 else {})}
+    server.run(model, settings, host, port, api_key, queue, echo=lambda m: typer.echo(m, err=True))
 
 
 # ---- the LAN cluster (edgellm.runtime.cluster): `worker`, `keygen`, and --cluster on `run` ----

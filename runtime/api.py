@@ -46,7 +46,8 @@ def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LL
     Settings are `RuntimeConfig`'s fields: `threads`, `ctx` (or `n_ctx`), `n_batch`, `backend`, `cluster`
     (a list of "host:port" workers), `cluster_key`, ...; and `memory_budget` (bytes, or a size such as
     "400M" or "1.5G": weights that do not fit stream from disk; without a `ctx` the context is the
-    longest up to 4096 that fits, down to 256). Unknown or bad settings raise
+    longest up to 4096 that fits, down to 256), `cache_type` ("f16", "q8_0", "q4_0"), `parallel` (N
+    generations at once from any threads, batched token by token). Unknown or bad settings raise
     `ValueError` naming them.
     `progress(stage, done_bytes, total_bytes)` is called while a catalog model is downloaded.
     """
@@ -88,6 +89,10 @@ class LLM:
         self._lock = threading.Lock()
         self._owner: int | None = None         # thread id holding the lock
         self._closed = False
+        self._batch = None                     # runtime/batch.Batcher with parallel > 1: no lock, N slots
+        if engine.rcfg.parallel > 1:
+            from .batch import Batcher
+            self._batch = Batcher(engine, engine.rcfg.parallel)
 
     # --- properties ---
 
@@ -106,7 +111,7 @@ class LLM:
     @property
     def stats(self):
         """Timings of the last generation (`Stats`: prompt/generated tokens, tokens/s, time to first token)."""
-        return self._engine.stats
+        return self._batch.last_stats if self._batch is not None else self._engine.stats
 
     @property
     def info(self) -> dict:
@@ -285,6 +290,9 @@ class LLM:
     def reset(self) -> None:
         """Forget the KV cache: the next call processes its whole prompt. (Greedy outputs can differ
         at near-ties between a prompt processed whole and one that reuses a cached prefix.)"""
+        if self._batch is not None:
+            self._batch.reset()
+            return
         self._check_thread()
         with self._lock:
             self._engine.reset()
@@ -294,6 +302,11 @@ class LLM:
     def close(self) -> None:
         """Release the model; later calls raise. Waits for a generation running in another thread."""
         if self._closed:
+            return
+        if self._batch is not None:
+            self._closed = True
+            self._batch.close()  # requests still running end with an error
+            self._engine.close()
             return
         mine = self._owner == threading.get_ident()
         if not mine:
@@ -317,7 +330,15 @@ class LLM:
     # --- internals ---
 
     def _events(self, ids: list[int], params: SamplingParams) -> Iterator[Event]:
-        """Generate under the lock, taken at the first step and released when done or closed."""
+        """Generate under the lock, taken at the first step and released when done or closed; with
+        parallel slots, through the batch scheduler (any number of threads at once)."""
+        if self._batch is not None:
+            if self._closed:
+                raise EdgeLLMError("this LLM is closed")
+            return self._batch.submit(ids, params)
+        return self._locked_events(ids, params)
+
+    def _locked_events(self, ids: list[int], params: SamplingParams) -> Iterator[Event]:
         self._check_thread()
         started = False
         with self._lock:

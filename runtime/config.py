@@ -99,6 +99,7 @@ class RuntimeConfig:
     sparsity: float = 0.0  # activation-sparse FFN: the fraction of weight reads a decoded token skips (0: dense)
     sparsity_calib: str | None = None  # the calibration text (a file); None: the built-in choice (runtime/sparsity.py)
     cache_type: str = "f16"  # KV cache elements: f16, q8_0 or q4_0 (blocks of 32 along head_dim, as llama.cpp's)
+    parallel: int = 1  # sequences generated at once (runtime/batch.py), each with KV caches of n_ctx
 
     @property
     def max_threads(self) -> int:
@@ -126,6 +127,18 @@ class RuntimeConfig:
         _check_speculative(self)
         _check_sparsity(self)
         _check_cache_type(self)
+        _check_parallel(self)
+
+
+def _check_parallel(c: RuntimeConfig) -> None:
+    p = c.parallel
+    if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 16:
+        raise ConfigError(f"parallel must be 1..16, not {p!r}")
+    if p > 1:
+        for what, on in (("a cluster", c.cluster), ("a memory budget", c.memory_budget is not None),
+                         ("speculative decoding", c.draft or c.lookup)):
+            if on:
+                raise ConfigError(f"parallel sequences do not run with {what} yet")
 
 
 def _check_cache_type(c: RuntimeConfig) -> None:

@@ -21,7 +21,7 @@ from ..errors import EdgeLLMError
 from ..loaders.gguf import GGUFFile
 from . import gemma3, llama  # noqa: F401  (register the architectures)
 from .config import RuntimeConfig
-from .kv_cache import RingCache
+from .kv_cache import RingCache, make_caches
 from .model import model_class
 from .sampler import Sampler, SamplingParams, StopMatcher, logprobs
 from .tokenizer import StreamDecoder, Tokenizer
@@ -343,54 +343,118 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
         """Prefill `prompt_ids`, then sample until end of generation, a stop string, the end of
         the grammar (`params.grammar`) or a limit."""
-        constraint = None
-        if params.grammar is not None:
-            from .grammar import Constraint
-            constraint = Constraint(self.tokenizer, self.config.n_vocab, params.grammar)
-        st = self.stats = Stats()
-        t0 = time.perf_counter()
+        turn = Turn(self, prompt_ids, params)  # a bad grammar fails before the prefill
+        st = self.stats = turn.stats
         logits = self.prefill(list(prompt_ids))
         if self.proposer is not None:
             self.proposer.prepare(prompt_ids)  # a draft model reads the prompt too
-        st.prompt_tokens = len(prompt_ids) - st.cached_tokens
-        st.prompt_s = time.perf_counter() - t0
-        sampler = Sampler(params, self.config.n_vocab, sorted(self.tokenizer.eog_ids), constraint)
-        decoder = StreamDecoder(self.tokenizer)
-        stops = StopMatcher(params.stop)
+        turn.prefilled(st.cached_tokens)
         history = list(prompt_ids)
-        limit = self.n_ctx - len(prompt_ids)
-        if params.max_tokens >= 0:
-            limit = min(limit, params.max_tokens)
-        t_gen = time.perf_counter()
-        n = 0
-        plain = self.proposer is None or constraint is not None or params.logprobs is not None
-        tokens = self._plain(logits, sampler, history) if plain else self._speculative(logits, sampler, history, st)
+        plain = self.proposer is None or turn.constraint is not None or params.logprobs is not None
+        tokens = (self._plain(logits, turn.sampler, history) if plain
+                  else self._speculative(logits, turn.sampler, history, st))
         try:
-            for tok, step_logits in tokens if limit > 0 else ():
-                lp = {}
-                if params.logprobs is not None:
-                    lp = dict(zip(("logprob", "top_logprobs"), logprobs(step_logits, tok, params.logprobs)))
-                n += 1
-                now = time.perf_counter()
-                if n == 1:
-                    st.ttft_s = now - t0
-                st.gen_tokens, st.gen_s = n, now - t_gen
-                st.ids.append(tok)
-                if self.tokenizer.is_eog(tok) and not params.ignore_eos:
-                    text, _ = stops.feed(decoder.flush())
-                    yield Event(tok, text + stops.flush(), st.tokens_per_s, "stop", **lp)
+            for tok, step_logits in tokens if turn.limit > 0 else ():
+                ev = turn.event(tok, step_logits)
+                yield ev
+                if ev.finish_reason:
                     break
-                text, hit = stops.feed(decoder.feed(tok))
-                if hit:
-                    yield Event(tok, text, st.tokens_per_s, "stop", **lp)
-                    break
-                done = constraint is not None and constraint.stopped  # the grammar is complete
-                if n >= limit or done:
-                    text += stops.feed(decoder.flush())[0] + stops.flush()
-                    yield Event(tok, text, st.tokens_per_s, "stop" if done else "length", **lp)
-                    break
-                yield Event(tok, text, st.tokens_per_s, **lp)
-            st.gen_s = time.perf_counter() - t_gen
+            st.gen_s = time.perf_counter() - turn.t_gen
         finally:  # also when the caller stops reading early: /stats sees real figures
             tokens.close()
             st.peak_rss_bytes = peak_rss_bytes()
+
+    # --- several sequences (runtime/batch.py) ---
+
+    def new_sequence(self) -> "Sequence_":
+        """An empty sequence with caches of its own (the engine's own is the one in use)."""
+        return Sequence_(make_caches(self.config, self.rcfg, self.n_ctx, self.ops))
+
+    def switch(self, seq: "Sequence_") -> "Sequence_":
+        """Make `seq` the sequence prefill / decode_one work on; returns the one it replaces."""
+        old = Sequence_(self.model.caches, self.tokens, self.n_written)
+        self.model.caches, self.tokens, self.n_written = seq.caches, seq.tokens, seq.n_written
+        return old
+
+    def decode_rows(self, seqs: list["Sequence_"], tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens[r] to seqs[r] (none of them in use), all in one pass: logits (B, n_vocab),
+        row r the bits decode_one would give for its sequence alone."""
+        for s in seqs:
+            if len(s.tokens) >= self.n_ctx:
+                raise EdgeLLMError(f"context full ({self.n_ctx} tokens)")
+        positions = np.asarray([len(s.tokens) for s in seqs], np.int64)
+        t0 = time.perf_counter()
+        try:
+            logits = self.model.forward_rows(np.asarray(tokens, np.int64), positions, [s.caches for s in seqs])
+        finally:
+            self._rest()
+        self.stats.compute_s += time.perf_counter() - t0
+        for s, t in zip(seqs, tokens):
+            s.tokens.append(int(t))
+            s.n_written = max(s.n_written, len(s.tokens))
+        return logits
+
+
+@dataclass
+class Sequence_:
+    """One sequence's KV caches and the tokens they hold (see Engine.switch)."""
+
+    caches: list
+    tokens: list[int] = field(default_factory=list)
+    n_written: int = 0
+
+
+class Turn:
+    """One generation's state after its prompt: sampler (with its grammar), text decoding, stop
+    strings, limits and stats; `event(token, logits)` turns each sampled token into an Event."""
+
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], params: SamplingParams):
+        self.constraint = None
+        if params.grammar is not None:
+            from .grammar import Constraint
+            self.constraint = Constraint(engine.tokenizer, engine.config.n_vocab, params.grammar)
+        self.params, self.tokenizer = params, engine.tokenizer
+        self.stats = Stats()
+        self.t0 = self.t_gen = time.perf_counter()
+        self.n_prompt = len(prompt_ids)
+        self.sampler = Sampler(params, engine.config.n_vocab, sorted(engine.tokenizer.eog_ids), self.constraint)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.stops = StopMatcher(params.stop)
+        self.limit = engine.n_ctx - len(prompt_ids)
+        if params.max_tokens >= 0:
+            self.limit = min(self.limit, params.max_tokens)
+        self.n = 0
+
+    def prefilled(self, cached: int) -> None:
+        """The prompt is in the cache (`cached` of its tokens were there already)."""
+        st = self.stats
+        st.cached_tokens = cached
+        st.prompt_tokens = self.n_prompt - cached
+        self.t_gen = time.perf_counter()
+        st.prompt_s = self.t_gen - self.t0
+
+    def event(self, tok: int, step_logits: np.ndarray | None) -> Event:
+        """The Event of sampled token `tok` (from `step_logits`, needed for logprobs); its
+        finish_reason is set when the generation ends with it."""
+        params, st = self.params, self.stats
+        lp = {}
+        if params.logprobs is not None:
+            lp = dict(zip(("logprob", "top_logprobs"), logprobs(step_logits, tok, params.logprobs)))
+        self.n += 1
+        now = time.perf_counter()
+        if self.n == 1:
+            st.ttft_s = now - self.t0
+        st.gen_tokens, st.gen_s = self.n, now - self.t_gen
+        st.ids.append(tok)
+        stops, decoder = self.stops, self.decoder
+        if self.tokenizer.is_eog(tok) and not params.ignore_eos:
+            text, _ = stops.feed(decoder.flush())
+            return Event(tok, text + stops.flush(), st.tokens_per_s, "stop", **lp)
+        text, hit = stops.feed(decoder.feed(tok))
+        if hit:
+            return Event(tok, text, st.tokens_per_s, "stop", **lp)
+        done = self.constraint is not None and self.constraint.stopped  # the grammar is complete
+        if self.n >= self.limit or done:
+            text += stops.feed(decoder.flush())[0] + stops.flush()
+            return Event(tok, text, st.tokens_per_s, "stop" if done else "length", **lp)
+        return Event(tok, text, st.tokens_per_s, **lp)

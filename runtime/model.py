@@ -43,6 +43,7 @@ class Model:
 
     embd_scale = 1.0  # embeddings are multiplied by this (gemma: sqrt(n_embd))
     sparse = None  # set from outside (runtime/sparsity.py): sparse(i, h) -> the FFN output, or None: dense
+    _rows = None  # during forward_rows: each row's list of caches
 
     def __init__(self, cfg: ModelConfig, rcfg: RuntimeConfig, weights, ops):
         self.cfg, self.rcfg, self.w, self.ops = cfg, rcfg, weights, ops
@@ -106,7 +107,15 @@ class Model:
         return self.linear(self.norm(x, "output_norm.weight"), self.output_name)
 
     def attention(self, i: int, q, k, v, positions, scale: float) -> np.ndarray:
-        """Store k/v of layer i at `positions`, attend with q: (T, n_head, head_dim) -> (T, n_head * head_dim_v)."""
+        """Store k/v of layer i at `positions`, attend with q: (T, n_head, head_dim) -> (T, n_head * head_dim_v).
+        In `forward_rows` each row is a token of its own sequence, with that sequence's caches."""
+        if self._rows is not None:
+            out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)  # (T, n_head, head_dim_v)
+            for r, caches in enumerate(self._rows):
+                c, p = caches[i], positions[r:r + 1]
+                c.store(k[r:r + 1], v[r:r + 1], p)
+                out[r] = c.attend(q[r:r + 1], p, scale)[0]
+            return out.reshape(q.shape[0], -1)
         cache = self.caches[i]
         cache.store(k, v, positions)
         out = cache.attend(q, positions, scale)
@@ -121,7 +130,19 @@ class Model:
         T = ids.shape[0]
         if start + T > self.n_ctx:
             raise EdgeLLMError(f"context full: {start + T} tokens exceed the context of {self.n_ctx}")
-        positions = np.arange(start, start + T, dtype=np.int64)
+        return self._run(ids, np.arange(start, start + T, dtype=np.int64), all_logits)
+
+    def forward_rows(self, ids: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
+        """One token of each of several sequences: ids (B,) at positions (B,), row r with caches[r]
+        (a list like `self.caches`) -> logits (B, n_vocab). Each row's logits are the bits a lone
+        decode step of its sequence gives (the products are batch-invariant, attention runs per row)."""
+        self._rows = caches
+        try:
+            return self._run(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), True)
+        finally:
+            self._rows = None
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray, all_logits: bool) -> np.ndarray:
         x = self.embed(ids)
         for i in range(self.cfg.n_layer):
             x = self.block(i, x, positions)

@@ -6,13 +6,15 @@ server-sent events by sse-starlette).
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with "stream": true as SSE chunks
 ending in `data: [DONE]`), GET /v1/models, GET /health, POST /tokenize, POST /detokenize,
-GET /metrics (Prometheus text: requests by route and status, tokens, queue depth, tokens/s), and
+GET /metrics (Prometheus text: requests by route and status, tokens, queue depth, tokens/s),
 ollama's POST /api/chat and /api/generate (NDJSON streams, durations in ns), GET /api/tags,
-POST /api/show, GET /api/version.
+POST /api/show, GET /api/version, and a chat page at GET / (runtime/web: streams from
+/v1/chat/completions, Stop aborts the request, the API key is asked for when the server has one).
 Errors come in OpenAI's shape {"error": {"message", "type", "param", "code"}} with the right
 status: 400 bad request, 401 missing or wrong key, 404 unknown model or route, 413 body too
-large, 429 when the queue is full. One generation runs at a time (the LLM's lock); up to `queue`
-more wait, and a client that disconnects mid-stream stops its generation at the next token.
+large, 429 when the queue is full. One generation runs at a time (the LLM's lock), or with
+`parallel` N up to N at once, batched token by token (runtime/batch.py); up to `queue` more
+wait, and a client that disconnects mid-stream stops its generation at the next token.
 
 Request fields: OpenAI's sampling fields (max_tokens / max_completion_tokens, temperature, top_p,
 stop, seed, presence_penalty, frequency_penalty) and llama.cpp's extras (top_k, min_p,
@@ -30,12 +32,18 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeLLMError
 from .sampler import MAX_TOP_LOGPROBS
 
 MAX_BODY = 1 << 20  # bytes of a request body
+WEB = Path(__file__).parent / "web"  # the chat page's files
+PUBLIC = {"/health", "/", "/app.js", "/app.css"}  # paths served without the API key
+PAGE_HEADERS = {  # the page loads nothing from elsewhere and runs no inline script
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 MAX_STOP = 8  # stop strings per request (OpenAI allows 4)
 
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
@@ -151,18 +159,18 @@ def _output(body: dict, kind: str) -> dict:
 
 
 class _Admission:
-    """One generation at a time, up to `queue` waiting: a full queue answers 429 at once."""
+    """`running` generations at a time, up to `queue` waiting: a full queue answers 429 at once."""
 
-    def __init__(self, queue: int):
-        self.queue = queue
+    def __init__(self, queue: int, running: int = 1):
+        self.queue, self.running = queue, running
         self.lock = threading.Lock()
         self.count = 0  # running + waiting
 
     def enter(self) -> None:
         with self.lock:
-            if self.count >= 1 + self.queue:
-                raise HTTPError(429, f"the server is busy: {self.count - 1} requests are waiting (queue {self.queue})",
-                                kind="rate_limit_error", code="queue_full")
+            if self.count >= self.running + self.queue:
+                raise HTTPError(429, f"the server is busy: {self.count - self.running} requests are waiting "
+                                     f"(queue {self.queue})", kind="rate_limit_error", code="queue_full")
             self.count += 1
 
     def leave(self) -> None:
@@ -182,7 +190,7 @@ class _Metrics:
         self.tokens = Counter("edgellm_generated_tokens", "tokens generated", registry=self.registry)
         self.speed = Gauge("edgellm_tokens_per_second", "generation speed of the last request", registry=self.registry)
         depth = Gauge("edgellm_queue_depth", "requests waiting for the model", registry=self.registry)
-        depth.set_function(lambda: max(0, gate.count - 1))
+        depth.set_function(lambda: max(0, gate.count - gate.running))
 
     def generation(self, st) -> None:
         self.prompt_tokens.inc(st.prompt_tokens)
@@ -190,7 +198,65 @@ class _Metrics:
         self.speed.set(st.tokens_per_s)
 
 
-def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8, max_body: int = MAX_BODY):
+class Loading:
+    """Stands in for the LLM while `edgellm serve` loads it: /health answers 503 {"status":
+    "loading"} and every model route 503 until `llm` is set (or `error`, if loading failed)."""
+
+    def __init__(self):
+        self.llm = None
+        self.error: str | None = None
+
+    def __getattr__(self, name):  # reached only for what Loading itself lacks: the LLM's attributes
+        llm = self.__dict__.get("llm")
+        if llm is None:
+            msg = f"the model failed to load: {self.error}" if self.error else "the model is loading"
+            raise HTTPError(503, msg, kind="server_error", code="model_loading")
+        return getattr(llm, name)
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None
+
+
+def run(model: str, settings: dict, host: str, port: int, api_key: str | None, queue: int, echo=print) -> None:
+    """`edgellm serve`: listen at once (/health answers 503 while the model loads), load `model`
+    with `settings` (`edgellm.load`'s keywords, checked before anything listens) in a thread,
+    serve until Ctrl+C. A failed load stops the server and raises its error."""
+    import uvicorn
+
+    from .api import _runtime_config, load
+
+    _runtime_config(dict(settings))  # bad settings fail here, not in the loading thread
+    state = Loading()
+    parallel = int(settings.get("parallel", 1))
+    srv = uvicorn.Server(uvicorn.Config(create_app(state, model, api_key=api_key, queue=queue, parallel=parallel),
+                                        host=host, port=port, log_level="warning"))
+
+    def _load():
+        try:
+            state.llm = load(model, **settings)
+            echo(f"edgellm serving {model} on http://{host}:{port}/ (the API under /v1; Ctrl+C stops)")
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            state.error = str(e) or type(e).__name__
+            srv.should_exit = True
+
+    echo(f"edgellm loading {model}; http://{host}:{port}/health answers 503 until it is ready")
+    t = threading.Thread(target=_load, name="edgellm-load", daemon=True)
+    t.start()
+    try:
+        srv.run()
+    finally:
+        t.join()
+        if state.llm is not None:
+            state.llm.close()
+    if state.error:
+        raise EdgeLLMError(state.error)
+
+
+def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8, max_body: int = MAX_BODY,
+               parallel: int = 1):
+    """The ASGI app over `llm` (an `LLM`, or a `Loading` that gets one later), generating for up
+    to `parallel` requests at once (the LLM's slots) with `queue` more waiting."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -199,7 +265,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
-    gate = _Admission(queue)
+    gate = _Admission(queue, parallel)
     metrics = _Metrics(gate)
 
     @app.exception_handler(HTTPError)
@@ -222,7 +288,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
     @app.middleware("http")
     async def _auth_and_size(request: Request, call_next):
         try:
-            if api_key is not None and request.url.path != "/health":
+            if api_key is not None and request.url.path not in PUBLIC:
                 got = request.headers.get("authorization", "")
                 token = got[7:] if got.lower().startswith("bearer ") else ""
                 if not hmac.compare_digest(token.encode(), api_key.encode()):
@@ -332,7 +398,20 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
 
     @app.get("/health")
     async def health():
+        if isinstance(llm, Loading) and not llm.ready:
+            return JSONResponse({"status": "error" if llm.error else "loading"}, status_code=503)
         return {"status": "ok"}
+
+    # --- the web chat page (runtime/web): static files, public; its API calls carry the key ---
+
+    def _page(name: str, media_type: str):
+        body = (WEB / name).read_bytes()
+        return lambda: Response(body, media_type=media_type, headers=PAGE_HEADERS)
+
+    for path, name, media in (("/", "index.html", "text/html; charset=utf-8"),
+                              ("/app.js", "app.js", "text/javascript; charset=utf-8"),
+                              ("/app.css", "app.css", "text/css; charset=utf-8")):
+        app.add_api_route(path, _page(name, media), methods=["GET"], include_in_schema=False)
 
     @app.get("/metrics")
     async def prometheus():

@@ -292,6 +292,57 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_model(srv):
     assert httpx.get(base + "/health").status_code == 200
 
 
+def test_health_is_503_while_the_model_loads(srv):
+    from starlette.testclient import TestClient
+
+    _, llm = srv
+    state = server.Loading()
+    client = TestClient(server.create_app(state, MODEL))
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    r = client.post("/v1/chat/completions", json={"messages": MSG})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+    assert client.get("/").status_code == 200  # the page itself is there at once
+    state.llm = llm
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+
+
+def test_serve_listens_at_once_then_answers_and_stops_on_ctrl_c():
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-c", "from edgellm.cli import main; main()", "serve", "gemma3-270m",
+                          "--port", str(port), "--ctx", "256"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            seen.add(r.status_code)
+            if r.status_code == 200:
+                break
+            time.sleep(0.02)
+        assert 200 in seen and seen <= {200, 503}, seen
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "The sky is", "max_tokens": 3,
+                                                                       "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode in (0, 130) and "Traceback" not in err, err  # 130: the shell's code for Ctrl+C
+        assert "loading gemma3-270m" in err and "serving gemma3-270m" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_serve_refuses_a_public_address_without_a_key():
     from test_cli import run_cli
 

@@ -1,0 +1,107 @@
+"""Parallel generation (runtime/batch.py, `serve --parallel N`) on qwen2.5-coder-0.5b: replies
+batched with others equal lone ones (greedy and seeded sampling), a dropped stream frees its slot,
+a slot's cache serves the same conversation again, and a server under 50 concurrent requests
+answers or refuses each one and stays healthy."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import edgellm
+from edgellm.runtime import RuntimeConfig
+from edgellm.runtime.config import ConfigError
+
+from conftest import model_file
+
+MODEL = "qwen2.5-coder-0.5b"
+PROMPTS = ["def fib(n):", "import numpy as np\n", "class Stack:\n", "# sort a list\n", "SELECT name FROM",
+           "fn main() {"]
+
+
+@pytest.fixture(scope="module")
+def lone():
+    model_file(MODEL)
+    with edgellm.load(MODEL, ctx=512) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def batched():
+    with edgellm.load(MODEL, ctx=512, parallel=4) as llm:
+        yield llm
+
+
+def _together(llm, calls):
+    """Run the calls (each a zero-argument function) from threads at once; their results."""
+    with ThreadPoolExecutor(len(calls)) as ex:
+        return [f.result(timeout=300) for f in [ex.submit(c) for c in calls]]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, seed=7, top_k=0, top_p=1.0)])
+def test_batched_replies_equal_lone_ones(lone, batched, sampling):
+    """Six requests on four slots (two wait for a free one): each reply is the lone reply."""
+    want = [lone.generate(p, max_tokens=20, **sampling) for p in PROMPTS]
+    got = _together(batched, [lambda p=p: batched.generate(p, max_tokens=20, **sampling) for p in PROMPTS])
+    assert got == want
+
+
+def test_a_dropped_stream_frees_its_slot(batched):
+    streams = [batched.stream(p, temperature=0, max_tokens=400) for p in PROMPTS[:4]]
+    for s in streams:  # every slot busy with a long reply
+        next(s)
+    for s in streams:
+        s.close()  # the reader leaves: each generation stops at its next pass
+    t0 = time.monotonic()
+    assert batched.generate("x = 1\n", temperature=0, max_tokens=4)
+    assert time.monotonic() - t0 < 30
+    assert not batched._batch.busy
+
+
+def test_a_slot_reuses_its_cache_for_the_same_conversation(batched):
+    msgs = [{"role": "user", "content": "Name a prime number."}]
+    first = batched.create_chat_completion(msgs, temperature=0, max_tokens=8)
+    again = batched.create_chat_completion(msgs, temperature=0, max_tokens=8)
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    assert batched.stats.cached_tokens >= len(batched.chat_ids(msgs)) - 1
+
+
+def test_parallel_is_checked():
+    with pytest.raises(ConfigError, match="parallel must be 1..16"):
+        RuntimeConfig(parallel=17)
+    with pytest.raises(ConfigError, match="speculative"):
+        RuntimeConfig(parallel=2, lookup=3)
+
+
+def test_fifty_concurrent_requests_are_answered_or_refused():
+    """parallel 2, queue 8: every request gets 200 or 429 (never a hang or a 500), and the server
+    answers normally afterwards."""
+    httpx = pytest.importorskip("httpx")
+    uvicorn = pytest.importorskip("uvicorn")
+    from edgellm.runtime import server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with edgellm.load(MODEL, ctx=512, parallel=2) as llm:
+        srv = uvicorn.Server(uvicorn.Config(server.create_app(llm, MODEL, queue=8, parallel=2), host="127.0.0.1",
+                                            port=port, log_level="warning"))
+        t = threading.Thread(target=srv.run, daemon=True)
+        t.start()
+        while not srv.started:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            def one(i):
+                body = {"prompt": f"# task {i}\ndef f():", "max_tokens": 8, "temperature": 0}
+                return httpx.post(base + "/v1/completions", json=body, timeout=300).status_code
+            codes = _together(llm, [lambda i=i: one(i) for i in range(50)])
+            assert set(codes) <= {200, 429} and codes.count(200) >= 10, codes
+            assert httpx.get(base + "/health").status_code == 200
+            assert one(99) == 200
+        finally:
+            srv.should_exit = True
+            t.join(10)
