@@ -698,6 +698,34 @@ def _attention(q, k, v, q_positions, scale, window, softcap, cap):  # cap: ring 
     return out
 
 
+@njit(cache=True)
+def _decode_step(q, k, v, kc, vc, p, row, scale, window, cap, out):
+    """Store k, v (Hkv, Dh) float32 as float16 bits into row `row` of kc, vc, then attend q at p."""
+    for h in range(k.shape[0]):
+        for d in range(k.shape[1]):
+            kc[row, h, d] = _f16_bits(k[h, d])
+        for d in range(v.shape[1]):
+            vc[row, h, d] = _f16_bits(v[h, d])
+    _attn_decode(q, kc, vc, p, scale, window, F32(0.0), cap, 1, False, out)
+
+
+def decode_step(q, k, v, k_cache, v_cache, position, scale, window=0, ring=False):
+    """One decode token: store k, v (n_kv_heads, head_dim) float32 at `position` of float16 caches
+    (S, n_kv_heads, head_dim) (row position % S when `ring`), then attend with q (n_q_heads,
+    head_dim) -> (n_q_heads, head_dim). The bits of kv_store then attention / attention_ring with
+    one query (float16 rounding as numpy's), in one call instead of three: qwen 0.5B's attention
+    per decoded token 1.5 -> 0.9 ms (24 layers; Zen 5), most of it the calls' Python overhead."""
+    S = k_cache.shape[0]
+    p = int(position)
+    if k_cache.dtype != np.float16 or v_cache.dtype != np.float16 or not (0 <= p and (ring or p < S)):
+        raise ValueError(f"decode_step: float16 caches of {S} rows cannot take position {p}")
+    out = np.empty(q.shape, F32)
+    _decode_step(np.ascontiguousarray(q, F32), np.ascontiguousarray(k, F32), np.ascontiguousarray(v, F32),
+                 k_cache.view(np.uint16), v_cache.view(np.uint16), p, p % S if ring else p, F32(scale),
+                 int(window), S if ring else 0, out)
+    return out
+
+
 def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
     """Causal attention with grouped KV heads over a contiguous cache (row j = position j).
 

@@ -13,8 +13,9 @@ From the first batch written after a reset (position 0 left out: the attention s
 the other keys), each layer and kv head takes
 - an offset mu (the mean key), subtracted from every key: it lowers all of a query's scores by
   the same q.mu, which softmax ignores (the runtime never soft-caps attention scores);
-- channel scales s = (std of the channel / mean std) ** 0.5 (SmoothQuant's migration, from the
-  first SMOOTH_MIN rows on, clipped to [1/4, 16]): keys are divided by s and queries multiplied;
+- channel scales s = (std of the channel / mean std) ** 0.5, clipped to [1/4, 16] (SmoothQuant's
+  migration; 1 when the batch has fewer than SMOOTH_MIN such rows): keys are divided by s and
+  queries multiplied by it;
 - an orthonormal Walsh-Hadamard matrix H (symmetric, H H = I) per chunk of `head_dim`'s largest
   power-of-two divisor for keys and queries (q.k is unchanged), 64 wide for values, and the
   attention output times H again, which undoes it (llama.cpp rotates so too).
@@ -107,6 +108,16 @@ class LayerCache:
             G = q.shape[1] // self.k_scale.shape[1]
             q = q * (np.repeat(self.k_scale, G, axis=1) if G > 1 else self.k_scale)
         return self._rotate(self._attend(self._rotate(q, self.k_rot), positions, scale), self.v_rot)
+
+    def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, position: int, scale: float) -> np.ndarray:
+        """One decode token: store k (n_kv, head_dim), v (n_kv, head_dim_v) at `position`, attend
+        with q (n_head, head_dim) -> (n_head, head_dim_v); the bits of store then attend."""
+        if not isinstance(self.k, tuple) and hasattr(self.ops, "decode_step"):  # one kernel call
+            return self.ops.decode_step(q, k, v, self.k, self.v, position, scale, self.window,
+                                        getattr(self, "ring", False))
+        p = np.array([position], np.int64)
+        self.store(k[None], v[None], p)
+        return self.attend(q[None], p, scale)[0]
 
     def _rotate(self, x: np.ndarray, n: int) -> np.ndarray:
         return self.ops.kv_rotate(x, n) if n else x

@@ -112,10 +112,10 @@ class Model:
         if self._rows is not None:
             out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)  # (T, n_head, head_dim_v)
             for r, caches in enumerate(self._rows):
-                c, p = caches[i], positions[r:r + 1]
-                c.store(k[r:r + 1], v[r:r + 1], p)
-                out[r] = c.attend(q[r:r + 1], p, scale)[0]
+                out[r] = caches[i].step(q[r], k[r], v[r], int(positions[r]), scale)
             return out.reshape(q.shape[0], -1)
+        if q.shape[0] == 1:  # a decode step
+            return self.caches[i].step(q[0], k[0], v[0], int(positions[0]), scale).reshape(1, -1)
         cache = self.caches[i]
         cache.store(k, v, positions)
         out = cache.attend(q, positions, scale)

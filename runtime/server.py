@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import EdgeLLMError
 from .sampler import MAX_TOP_LOGPROBS
+from .tools import ToolStream
 
 MAX_BODY = 1 << 20  # bytes of a request body
 WEB = Path(__file__).parent / "web"  # the chat page's files
@@ -452,8 +453,11 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
         if m is not None and m not in (model_name, model_name + ":latest"):
             raise HTTPError(404, f"model '{m}' not found", code="model_not_found")
         stream = _stream_flag(body, True)
+        tools = None
+        if kind == "chat" and body.get("tools") is not None:  # ollama: no tool_choice, arguments as objects
+            tools = _output({"tools": body["tools"]}, "chat").get("tools")
         if kind == "chat":
-            ids = _chat_ids(body.get("messages"))
+            ids = _chat_ids(body.get("messages"), {"tools": tools})
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str) or not prompt:
@@ -491,27 +495,40 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
                                 "prompt_eval_count": st.prompt_tokens, "prompt_eval_duration": int(st.prompt_s * 1e9),
                                 "eval_count": st.gen_tokens, "eval_duration": int(st.gen_s * 1e9)}
 
+        def calls_piece(calls) -> dict:
+            out = [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                   for c in calls]
+            return piece("") | {"message": {"role": "assistant", "content": "", "tool_calls": out}, "done": False}
+
         def lines():
             reason = None
+            split = ToolStream({t["function"]["name"] for t in tools}) if tools else None
             with contextlib.closing(events):
                 for ev in events:
                     reason = ev.finish_reason or reason
-                    if ev.text:
-                        yield piece(ev.text) | {"done": False}
+                    text, calls = (ev.text, []) if split is None else split.feed(ev.text)
+                    if split is not None and ev.finish_reason:
+                        rest, more = split.flush()
+                        text, calls = text + rest, calls + more
+                    if text:
+                        yield piece(text) | {"done": False}
+                    if calls:
+                        yield calls_piece(calls)
             yield final(reason)
 
         if not stream:
             def whole():
                 try:
-                    parts, last = [], None
+                    parts, last, calls = [], None, []
                     for d in lines():
                         if d["done"]:
                             last = d
                         else:
                             parts.append(d["message"]["content"] if kind == "chat" else d["response"])
+                            calls += d.get("message", {}).get("tool_calls", [])
                     text = "".join(parts)
-                    return last | ({"message": {"role": "assistant", "content": text}} if kind == "chat"
-                                   else {"response": text})
+                    msg = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+                    return last | ({"message": msg} if kind == "chat" else {"response": text})
                 finally:
                     gate.leave()
             return JSONResponse(await run_in_threadpool(whole))

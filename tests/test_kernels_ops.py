@@ -218,6 +218,27 @@ def test_attention_decode_any_split(n_chunks, par):
     assert_attention_close(out, ref.attention(q, k, v, [p], 0.125))
 
 
+@pytest.mark.parametrize("S,p,window,ring", [(64, 0, 0, False), (64, 40, 0, False), (20, 100, 16, True),
+                                             (700, 699, 512, False)])
+def test_decode_step_is_store_then_attend(S, p, window, ring):
+    """The fused decode step writes the bits kv_store writes (numpy's float16 rounding) and returns
+    the bits of attention / attention_ring with that one query."""
+    Hq, Hkv, Dh = 14, 2, 64
+    k0, v0 = randn(50, S, Hkv, Dh).astype(np.float16), randn(51, S, Hkv, Dh).astype(np.float16)
+    q, k, v = randn(52, Hq, Dh), randn(53, Hkv, Dh, scale=30.0), randn(54, Hkv, Dh, scale=1e-3)
+    kc, vc = k0.copy(), v0.copy()
+    got = ops.decode_step(q, k, v, kc, vc, p, 0.125, window, ring)
+    kw, vw = k0.copy(), v0.copy()
+    ops.kv_store(kw, k[None], np.array([p % S]))
+    ops.kv_store(vw, v[None], np.array([p % S]))
+    np.testing.assert_array_equal(kc.view(np.uint16), kw.view(np.uint16))
+    np.testing.assert_array_equal(vc.view(np.uint16), vw.view(np.uint16))
+    fn = ops.attention_ring if ring else ops.attention
+    np.testing.assert_array_equal(got, fn(q[None], kw, vw, [p], 0.125, window)[0])
+    with pytest.raises(ValueError, match="cannot take position"):
+        ops.decode_step(q, k, v, kc, vc, S, 0.125)
+
+
 def test_attention_rejects_bad_shapes():
     q, k = randn(20, 1, 5, 8), randn(21, 4, 2, 8)
     with pytest.raises(ValueError, match="multiple"):

@@ -210,6 +210,21 @@ def test_a_tool_result_turn_renders_and_answers(srv):
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
 
 
+def test_ollama_chat_calls_tools(srv):
+    """ollama's /api/chat takes `tools` too and answers with message.tool_calls (arguments as an
+    object, ollama's shape), streamed or not; greedy qwen 0.5B calls get_weather for Paris."""
+    base, _ = srv
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "messages": WEATHER, "tools": TOOLS, "options": {"temperature": 0}}
+    whole = httpx.post(base + "/api/chat", json=body | {"stream": False}, headers=h, timeout=120).json()
+    (call,) = whole["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["function"]["arguments"]["city"] == "Paris"
+    want = whole["message"]["tool_calls"]
+    lines = [json.loads(x) for x in httpx.post(base + "/api/chat", json=body | {"stream": True}, headers=h,
+                                                timeout=120).text.splitlines()]
+    assert [c for d in lines for c in d["message"].get("tool_calls", [])] == want and lines[-1]["done"]
+
+
 @pytest.mark.parametrize("tools, choice, msg", [
     ([{"type": "function", "function": {"name": "bad name!"}}], None, "name must be"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not among the tools"),
