@@ -6,9 +6,10 @@
     b.close()
 
 One scheduler thread owns the engine. Each of the N slots is a sequence with KV caches of its own
-(Engine.new_sequence). A new request takes a free slot: its prompt is prefilled alone (the other
-slots wait that long), then it joins the decode batch, where every active slot adds one token
-per pass: one read of the weights serves them all, which is where the speed comes from on a
+(Engine.new_sequence). A new request takes a free slot and its prompt is prefilled one n_batch
+chunk at a time, each chunk followed by a decode pass of the other slots (a long prompt delays
+their tokens, it does not stop them); then it joins the decode batch, where every active slot adds
+one token per pass: one read of the weights serves them all, which is where the speed comes from on a
 memory-bound CPU. A token's logits are the bits a lone generation would give it (the products
 are batch-invariant and attention runs per sequence), so greedy replies do not depend on what
 else is being served. A slot keeps its cache after a request: a later prompt sharing its prefix
@@ -36,6 +37,8 @@ class _Request:
         self.turn: Turn | None = None
         self.history: list[int] = []  # prompt and generated ids (penalties look at them)
         self.next: int | None = None  # the sampled token the next pass feeds
+        self.done = 0  # prompt tokens in the slot's cache so far
+        self.cached: int | None = None  # of them, the ones the slot held before (after the first chunk)
 
 
 class Batcher:
@@ -119,7 +122,11 @@ class Batcher:
                     if not req.cancelled:
                         admitted.append((self._slot_for(req, free), req))
             for slot, req in admitted:
-                self._start(slot, req)
+                self._admit(slot, req)
+            with self.cv:
+                prefilling = [(i, r) for i, r in self.busy.items() if r.turn is not None and r.done < len(r.ids)]
+            for slot, req in prefilling:
+                self._prefill_chunk(slot, req)
             self._step()
 
     def _slot_for(self, req: _Request, free: list[int]) -> int:
@@ -136,19 +143,31 @@ class Batcher:
         self.busy[best] = req
         return best
 
-    def _start(self, slot: int, req: _Request) -> None:
-        """Prefill the request's prompt in its slot and sample its first token."""
+    def _admit(self, slot: int, req: _Request) -> None:
+        try:
+            req.turn = Turn(self.engine, req.ids, req.params)
+        except BaseException as e:  # noqa: BLE001  (delivered to the request's reader)
+            self._fail(slot, req, e)
+
+    def _prefill_chunk(self, slot: int, req: _Request) -> None:
+        """Bring the slot's cache one n_batch chunk further into the prompt (the first chunk
+        starts after what the slot already holds of it); after the last, sample the first token.
+        The chunks are the ones a lone prefill runs, so the results are its bits."""
         eng = self.engine
         try:
-            req.turn = Turn(eng, req.ids, req.params)
             old = eng.switch(self.slots[slot])
             try:
                 eng.stats = req.turn.stats
-                logits = eng.prefill(req.ids)
-                cached = eng.stats.cached_tokens
+                keep = eng._reusable(req.ids) if req.cached is None else req.done
+                end = min(len(req.ids), keep + eng.rcfg.n_batch)
+                logits = eng.prefill(req.ids[:end])
+                req.cached = eng.stats.cached_tokens if req.cached is None else req.cached
+                req.done = end
             finally:
                 self.slots[slot] = eng.switch(old)
-            req.turn.prefilled(cached)
+            if end < len(req.ids):
+                return
+            req.turn.prefilled(req.cached)
             req.history = list(req.ids)
             if req.turn.limit <= 0:
                 self._finish(slot, req)

@@ -69,6 +69,26 @@ def test_a_slot_reuses_its_cache_for_the_same_conversation(batched):
     assert batched.stats.cached_tokens >= len(batched.chat_ids(msgs)) - 1
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_passes():
+    """With n_batch 16, a 100-token prompt is seven chunks, each followed by a decode pass of the
+    stream already running; both replies are still their lone bits."""
+    long_prompt = "def f(x):\n    return x * 2\n\n" * 10
+    with edgellm.load(MODEL, ctx=512, n_batch=16) as one:
+        want = [one.generate(p, temperature=0, max_tokens=n) for p, n in ((long_prompt, 8), ("x = [", 40))]
+    with edgellm.load(MODEL, ctx=512, n_batch=16, parallel=2) as llm:
+        eng, log = llm._engine, []
+        prefill, decode_rows = eng.prefill, eng.decode_rows
+        eng.prefill = lambda ids, **kw: (log.append("P"), prefill(ids, **kw))[1]
+        eng.decode_rows = lambda seqs, toks: (log.append(f"D{len(seqs)}"), decode_rows(seqs, toks))[1]
+        short = llm.stream("x = [", temperature=0, max_tokens=40)
+        first = next(short)
+        got_long = llm.generate(long_prompt, temperature=0, max_tokens=8)
+        got_short = first.text + "".join(ev.text for ev in short)
+    assert [got_long, got_short] == want
+    pattern = "".join(log)
+    assert len(llm.tokenizer.encode(long_prompt)) > 96 and "PD1PD1PD1PD1PD1PD1P" in pattern, pattern
+
+
 def test_parallel_is_checked():
     with pytest.raises(ConfigError, match="parallel must be 1..16"):
         RuntimeConfig(parallel=17)
