@@ -124,7 +124,8 @@ class Batcher:
             for slot, req in admitted:
                 self._admit(slot, req)
             with self.cv:
-                prefilling = [(i, r) for i, r in self.busy.items() if r.turn is not None and r.done < len(r.ids)]
+                prefilling = [(i, r) for i, r in self.busy.items()
+                              if r.turn is not None and r.done < len(r.ids) and not r.cancelled]
             for slot, req in prefilling:
                 self._prefill_chunk(slot, req)
             self._step()
