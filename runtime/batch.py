@@ -48,7 +48,9 @@ class Batcher:
         if not 1 <= n_slots <= MAX_SLOTS:
             raise EdgeLLMError(f"parallel must be 1..{MAX_SLOTS}, not {n_slots}")
         self.engine = engine
-        self.slots = [engine.new_sequence() for _ in range(n_slots)]
+        own = Sequence_(engine.model.caches, engine.tokens, engine.n_written)  # slot 0: the engine's caches,
+        engine.model.caches, engine.tokens, engine.n_written = [], [], 0  # which it holds only while switched in
+        self.slots = [own] + [engine.new_sequence() for _ in range(n_slots - 1)]
         self.busy: dict[int, _Request] = {}  # slot index -> its request
         self.waiting: deque[_Request] = deque()
         self.cv = threading.Condition()
