@@ -715,11 +715,16 @@ def decode_step(q, k, v, k_cache, v_cache, position, scale, window=0, ring=False
     head_dim) -> (n_q_heads, head_dim). The bits of kv_store then attention / attention_ring with
     one query (float16 rounding as numpy's), in one call instead of three: qwen 0.5B's attention
     per decoded token 1.5 -> 0.9 ms (24 layers; Zen 5), most of it the calls' Python overhead."""
-    S = k_cache.shape[0]
+    S, Hkv, Dh = k_cache.shape
     p = int(position)
-    if k_cache.dtype != np.float16 or v_cache.dtype != np.float16 or not (0 <= p and (ring or p < S)):
-        raise ValueError(f"decode_step: float16 caches of {S} rows cannot take position {p}")
-    out = np.empty(q.shape, F32)
+    if k_cache.dtype != np.float16 or v_cache.dtype != np.float16 or not (0 <= p and (ring or p < S)) \
+            or (ring and window > S):
+        raise ValueError(f"decode_step: float16 caches of {S} rows cannot take position {p} (window {window})")
+    if k.shape != (Hkv, Dh) or v.shape != (Hkv, v_cache.shape[2]) or v_cache.shape[:2] != (S, Hkv) \
+            or q.ndim != 2 or q.shape[1] != Dh or q.shape[0] % Hkv:  # numba does not check bounds
+        raise ValueError(f"decode_step: q {q.shape}, k {k.shape}, v {v.shape} do not fit caches "
+                         f"{k_cache.shape}, {v_cache.shape}")
+    out = np.empty((q.shape[0], v_cache.shape[2]), F32)  # (n_q_heads, head_dim_v)
     _decode_step(np.ascontiguousarray(q, F32), np.ascontiguousarray(k, F32), np.ascontiguousarray(v, F32),
                  k_cache.view(np.uint16), v_cache.view(np.uint16), p, p % S if ring else p, F32(scale),
                  int(window), S if ring else 0, out)

@@ -180,6 +180,17 @@ def kv_values(cache):
     return dequantize(blocks.reshape(-1), _kv_type(qs)).reshape(S, H, nb * 32)
 
 
+def decode_step(q, k, v, k_cache, v_cache, position, scale, window=0, ring=False):
+    """One decode token: store k, v (n_kv_heads, head_dim) at `position` of float16 caches (S,
+    n_kv_heads, head_dim) (row position % S when `ring`), then attend with q (n_q_heads, head_dim)."""
+    S = k_cache.shape[0]
+    p = np.array([position])
+    kv_store(k_cache, np.asarray(k)[None], p % S if ring else p)
+    kv_store(v_cache, np.asarray(v)[None], p % S if ring else p)
+    fn = attention_ring if ring else attention
+    return fn(np.asarray(q)[None], k_cache, v_cache, p, scale, window)[0]
+
+
 def attention(q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
     """Causal attention with grouped KV heads over a contiguous cache (row j = position j).
 

@@ -23,18 +23,17 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 from ..errors import EdgeLLMError
-from .engine import Engine, Event, Sequence_, Stats, Turn, peak_rss_bytes
+from .engine import Engine, Event, KVSequence, Stats, Turn, common_prefix, peak_rss_bytes
 from .sampler import SamplingParams
 
 MAX_SLOTS = 16  # the sparse FFN and attention treat up to 16 tokens as separate decode steps
 
 
 class _Request:
-    def __init__(self, ids: list[int], params: SamplingParams):
-        self.ids, self.params = ids, params
+    def __init__(self, ids: list[int], turn: Turn):
+        self.ids, self.turn = ids, turn  # the turn: its sampler (grammar), stop strings, limits, stats
         self.events: queue.Queue = queue.Queue()  # Event, an exception, or None at the end
         self.cancelled = False
-        self.turn: Turn | None = None
         self.history: list[int] = []  # prompt and generated ids (penalties look at them)
         self.next: int | None = None  # the sampled token the next pass feeds
         self.done = 0  # prompt tokens in the slot's cache so far
@@ -48,7 +47,7 @@ class Batcher:
         if not 1 <= n_slots <= MAX_SLOTS:
             raise EdgeLLMError(f"parallel must be 1..{MAX_SLOTS}, not {n_slots}")
         self.engine = engine
-        own = Sequence_(engine.model.caches, engine.tokens, engine.n_written)  # slot 0: the engine's caches,
+        own = KVSequence(engine.model.caches, engine.tokens, engine.n_written)  # slot 0: the engine's caches,
         engine.model.caches, engine.tokens, engine.n_written = [], [], 0  # which it holds only while switched in
         self.slots = [own] + [engine.new_sequence() for _ in range(n_slots - 1)]
         self.busy: dict[int, _Request] = {}  # slot index -> its request
@@ -59,16 +58,10 @@ class Batcher:
         self.thread = threading.Thread(target=self._loop, name="edgellm-batch", daemon=True)
         self.thread.start()
 
-    @property
-    def n_slots(self) -> int:
-        return len(self.slots)
-
     def submit(self, ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
         """Events of one generation; closing the iterator early cancels it (its slot is freed at
         the next pass). Errors of the generation are raised from the iterator."""
-        req = _Request(list(ids), params)
-        if params.grammar is not None:  # a bad grammar fails here, in the caller's thread
-            Turn(self.engine, req.ids, params)
+        req = _Request(list(ids), Turn(self.engine, ids, params))  # a bad grammar fails here, in the caller
         with self.cv:
             if self.closed:
                 raise EdgeLLMError("the server is shutting down")
@@ -118,39 +111,21 @@ class Batcher:
                         r.events.put(EdgeLLMError("the server is shutting down"))
                     return
                 free = [i for i in range(len(self.slots)) if i not in self.busy]
-                admitted = []
                 while free and self.waiting:
                     req = self.waiting.popleft()
                     if not req.cancelled:
-                        admitted.append((self._slot_for(req, free), req))
-            for slot, req in admitted:
-                self._admit(slot, req)
+                        self._slot_for(req, free)
             with self.cv:
-                prefilling = [(i, r) for i, r in self.busy.items()
-                              if r.turn is not None and r.done < len(r.ids) and not r.cancelled]
+                prefilling = [(i, r) for i, r in self.busy.items() if r.done < len(r.ids) and not r.cancelled]
             for slot, req in prefilling:
                 self._prefill_chunk(slot, req)
             self._step()
 
-    def _slot_for(self, req: _Request, free: list[int]) -> int:
-        """The free slot whose cached tokens share the longest prefix with the prompt."""
-        def shared(i):
-            n = 0
-            for a, b in zip(self.slots[i].tokens, req.ids):
-                if a != b:
-                    break
-                n += 1
-            return n
-        best = max(free, key=shared)
+    def _slot_for(self, req: _Request, free: list[int]) -> None:
+        """Give `req` the free slot whose cached tokens share the longest prefix with its prompt."""
+        best = max(free, key=lambda i: common_prefix(self.slots[i].tokens, req.ids))
         free.remove(best)
         self.busy[best] = req
-        return best
-
-    def _admit(self, slot: int, req: _Request) -> None:
-        try:
-            req.turn = Turn(self.engine, req.ids, req.params)
-        except BaseException as e:  # noqa: BLE001  (delivered to the request's reader)
-            self._fail(slot, req, e)
 
     def _prefill_chunk(self, slot: int, req: _Request) -> None:
         """Bring the slot's cache one n_batch chunk further into the prompt (the first chunk
@@ -161,7 +136,7 @@ class Batcher:
             old = eng.switch(self.slots[slot])
             try:
                 eng.stats = req.turn.stats
-                keep = eng._reusable(req.ids) if req.cached is None else req.done
+                keep = eng.reusable(req.ids) if req.cached is None else req.done
                 end = min(len(req.ids), keep + eng.rcfg.n_batch)
                 logits = eng.prefill(req.ids[:end])
                 req.cached = eng.stats.cached_tokens if req.cached is None else req.cached
@@ -211,9 +186,8 @@ class Batcher:
             self._finish(slot, req)
 
     def _finish(self, slot: int, req: _Request, locked: bool = False) -> None:
-        if req.turn is not None:
-            req.turn.stats.peak_rss_bytes = peak_rss_bytes()
-            self.last_stats = req.turn.stats
+        req.turn.stats.peak_rss_bytes = peak_rss_bytes()
+        self.last_stats = req.turn.stats
         req.events.put(None)
         if locked:
             self.busy.pop(slot, None)

@@ -218,14 +218,9 @@ class Engine:
         self.tokens = []
         self.n_written = 0
 
-    def _reusable(self, ids: Sequence[int]) -> int:
+    def reusable(self, ids: Sequence[int]) -> int:
         """How many leading tokens of `ids` the KV cache already holds (leaving one to evaluate)."""
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
+        n = min(common_prefix(self.tokens, ids), len(ids) - 1)
         for c in self.model.caches:
             if isinstance(c, RingCache) and c.ring and not c.can_rewind_to(n, self.n_written):
                 return 0
@@ -237,7 +232,7 @@ class Engine:
             raise EdgeLLMError("the prompt is empty")
         if len(ids) > self.n_ctx:
             raise EdgeLLMError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}")
-        keep = 0 if all_logits else self._reusable(ids)
+        keep = 0 if all_logits else self.reusable(ids)
         self.tokens = list(ids[:keep])
         self.stats.cached_tokens = keep
         out = []
@@ -366,17 +361,17 @@ class Engine:
 
     # --- several sequences (runtime/batch.py) ---
 
-    def new_sequence(self) -> "Sequence_":
+    def new_sequence(self) -> "KVSequence":
         """An empty sequence with caches of its own (the engine's own is the one in use)."""
-        return Sequence_(make_caches(self.config, self.rcfg, self.n_ctx, self.ops))
+        return KVSequence(make_caches(self.config, self.rcfg, self.n_ctx, self.ops))
 
-    def switch(self, seq: "Sequence_") -> "Sequence_":
+    def switch(self, seq: "KVSequence") -> "KVSequence":
         """Make `seq` the sequence prefill / decode_one work on; returns the one it replaces."""
-        old = Sequence_(self.model.caches, self.tokens, self.n_written)
+        old = KVSequence(self.model.caches, self.tokens, self.n_written)
         self.model.caches, self.tokens, self.n_written = seq.caches, seq.tokens, seq.n_written
         return old
 
-    def decode_rows(self, seqs: list["Sequence_"], tokens: Sequence[int]) -> np.ndarray:
+    def decode_rows(self, seqs: list["KVSequence"], tokens: Sequence[int]) -> np.ndarray:
         """Append tokens[r] to seqs[r] (none of them in use), all in one pass: logits (B, n_vocab),
         row r the bits decode_one would give for its sequence alone."""
         for s in seqs:
@@ -395,8 +390,18 @@ class Engine:
         return logits
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
-class Sequence_:
+class KVSequence:
     """One sequence's KV caches and the tokens they hold (see Engine.switch)."""
 
     caches: list

@@ -112,7 +112,7 @@ class LayerCache:
     def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, position: int, scale: float) -> np.ndarray:
         """One decode token: store k (n_kv, head_dim), v (n_kv, head_dim_v) at `position`, attend
         with q (n_head, head_dim) -> (n_head, head_dim_v); the bits of store then attend."""
-        if not isinstance(self.k, tuple) and hasattr(self.ops, "decode_step"):  # one kernel call
+        if not isinstance(self.k, tuple):  # float16: one kernel call
             return self.ops.decode_step(q, k, v, self.k, self.v, position, scale, self.window,
                                         getattr(self, "ring", False))
         p = np.array([position], np.int64)

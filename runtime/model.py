@@ -109,13 +109,12 @@ class Model:
     def attention(self, i: int, q, k, v, positions, scale: float) -> np.ndarray:
         """Store k/v of layer i at `positions`, attend with q: (T, n_head, head_dim) -> (T, n_head * head_dim_v).
         In `forward_rows` each row is a token of its own sequence, with that sequence's caches."""
-        if self._rows is not None:
+        rows = self._rows if self._rows is not None else [self.caches] if q.shape[0] == 1 else None
+        if rows is not None:  # decode steps: one token of each sequence
             out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)  # (T, n_head, head_dim_v)
-            for r, caches in enumerate(self._rows):
+            for r, caches in enumerate(rows):
                 out[r] = caches[i].step(q[r], k[r], v[r], int(positions[r]), scale)
             return out.reshape(q.shape[0], -1)
-        if q.shape[0] == 1:  # a decode step
-            return self.caches[i].step(q[0], k[0], v[0], int(positions[0]), scale).reshape(1, -1)
         cache = self.caches[i]
         cache.store(k, v, positions)
         out = cache.attend(q, positions, scale)

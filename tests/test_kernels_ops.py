@@ -235,8 +235,13 @@ def test_decode_step_is_store_then_attend(S, p, window, ring):
     np.testing.assert_array_equal(vc.view(np.uint16), vw.view(np.uint16))
     fn = ops.attention_ring if ring else ops.attention
     np.testing.assert_array_equal(got, fn(q[None], kw, vw, [p], 0.125, window)[0])
+    kr, vr = k0.copy(), v0.copy()  # the reference: kv_store then float64 attention
+    assert_attention_close(got[None], ref.decode_step(q, k, v, kr, vr, p, 0.125, window, ring)[None])
+    np.testing.assert_array_equal(kr.view(np.uint16), kw.view(np.uint16))
     with pytest.raises(ValueError, match="cannot take position"):
         ops.decode_step(q, k, v, kc, vc, S, 0.125)
+    with pytest.raises(ValueError, match="do not fit"):  # numba would write past the rows unchecked
+        ops.decode_step(q, k[:1], v, kc, vc, 0, 0.125)
 
 
 def test_attention_rejects_bad_shapes():
