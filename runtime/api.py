@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 import time
 import uuid
@@ -278,14 +279,11 @@ class LLM:
                              "top_logprobs": [self._token_entry(i, lp) for i, lp in e.top_logprobs]} for e in evs]}
 
     def _completion_logprobs(self, evs) -> dict:
-        tokens, offsets, at = [], [], 0
-        for e in evs:
-            tokens.append(self.tokenizer.token_bytes(e.token, special=True).decode("utf-8", "replace"))
-            offsets.append(at)
-            at += len(tokens[-1])
+        text = lambda t: self._token_entry(t, 0.0)["token"]  # noqa: E731
+        tokens = [text(e.token) for e in evs]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0))[:len(tokens)]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in evs],
-                "top_logprobs": [{self._token_entry(i, lp)["token"]: lp for i, lp in e.top_logprobs} for e in evs],
-                "text_offset": offsets}
+                "top_logprobs": [{text(i): lp for i, lp in e.top_logprobs} for e in evs], "text_offset": offsets}
 
     def reset(self) -> None:
         """Forget the KV cache: the next call processes its whole prompt. (Greedy outputs can differ

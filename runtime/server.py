@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -112,8 +113,8 @@ def _sampling(body: dict, n_ctx: int, n_prompt: int, default_max: int | None = N
 
 
 def _output(body: dict, kind: str) -> dict:
-    """The LLM's output keywords (response_format, logprobs, tools) from a request body, checked."""
-    from .grammar import GrammarError, grammar_for_response_format
+    """The LLM's output keywords (response_format, logprobs, tools) from a request body, checked
+    (a response_format is compiled once, by the LLM: its GrammarError answers 400 there)."""
     from .tools import ToolError, check_tool_choice, check_tools
 
     kw: dict[str, Any] = {}
@@ -130,13 +131,8 @@ def _output(body: dict, kind: str) -> dict:
             kw["tools"] = tools
         if not isinstance(body.get("parallel_tool_calls", True), bool):
             raise HTTPError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
-    rf = body.get("response_format")
-    if rf is not None:
-        try:
-            grammar_for_response_format(rf)  # a bad schema is the client's error, before any queueing
-        except GrammarError as e:
-            raise HTTPError(400, str(e), param="response_format") from None
-        kw["response_format"] = rf
+    if body.get("response_format") is not None:
+        kw["response_format"] = body["response_format"]
     lp, top = body.get("logprobs"), body.get("top_logprobs")
     if kind == "chat":
         if lp is not None and not isinstance(lp, bool):
@@ -228,6 +224,13 @@ def run(model: str, settings: dict, host: str, port: int, api_key: str | None, q
     from .api import _runtime_config, load
 
     _runtime_config(dict(settings))  # bad settings fail here, not in the loading thread
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound before loading: a taken port is one line, not a load for nothing
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     state = Loading()
     parallel = int(settings.get("parallel", 1))
     srv = uvicorn.Server(uvicorn.Config(create_app(state, model, api_key=api_key, queue=queue, parallel=parallel),
@@ -245,8 +248,9 @@ def run(model: str, settings: dict, host: str, port: int, api_key: str | None, q
     t = threading.Thread(target=_load, name="edgellm-load", daemon=True)
     t.start()
     try:
-        srv.run()
+        srv.run(sockets=[sock])
     finally:
+        sock.close()
         t.join()
         if state.llm is not None:
             state.llm.close()
@@ -444,7 +448,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, queue: int = 8,
                 rf = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
             else:
                 raise HTTPError(400, 'format must be "json" or a JSON schema object', param="format")
-            kw["response_format"] = _output({"response_format": rf}, "chat")["response_format"]
+            kw["response_format"] = rf
         return kw
 
     async def _ollama(kind: str, request: Request):

@@ -358,6 +358,18 @@ def test_serve_listens_at_once_then_answers_and_stops_on_ctrl_c():
             p.kill()
 
 
+def test_serve_on_a_taken_port_is_one_line_before_loading():
+    from test_cli import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("serve", "gemma3-270m", "--port", str(s.getsockname()[1]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("edgellm: error: cannot listen on 127.0.0.1:")
+    assert "loading" not in r.stderr
+
+
 def test_serve_refuses_a_public_address_without_a_key():
     from test_cli import run_cli
 
