@@ -530,6 +530,45 @@ def sparsify(
         typer.echo(f"  blk.{i:<3} {lv or 0.0:4.1f}  {err:8.4f}")
 
 
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="catalog name or path to a GGUF file (e.g. the Q4_K_M one)"),
+    out: str = typer.Option(..., "--output", "-o", help="the GGUF file to write"),
+    size: Optional[str] = typer.Option(None, "--size", help="the output's size, in bytes or as 800M / 1.2G"),
+    bpw: Optional[float] = typer.Option(None, "--bpw", help="bits per matrix weight instead of --size, e.g. 3.5"),
+    rank: int = typer.Option(0, "--rank", help="offer low-rank corrections of this rank (0-64) of each layer "
+                             "matrix's quantization error; a matrix takes one where it pays for its bytes"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration text, UTF-8 (default: license texts and "
+                                        "Python sources, never GPL-3)"),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", min=64, max=1 << 20,
+                                     help="tokens of the calibration text the importance matrix reads"),
+    threads: Optional[str] = THREADS,
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Rewrite MODEL at a smaller size: a type per matrix chosen by an importance matrix (and optional
+    low-rank corrections); the output loads, streams and serves like any GGUF file."""
+    from pathlib import Path
+
+    from .runtime import compress as cp
+    from .runtime.sparsity import bar
+
+    if (size is None) == (bpw is None):
+        raise rt.EdgeLLMError("give exactly one of --size and --bpw")
+    try:
+        nbytes = cp.parse_size(size) if size is not None else None
+    except ValueError as e:
+        raise rt.EdgeLLMError(str(e).replace("memory size", "--size")) from None
+    src = Path(_resolve(model))
+    r = cp.compress(src, Path(out), nbytes, bpw, rank, calib, calib_tokens, threads or "auto",
+                    progress=bar, log=lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps({"path": str(r.path), "bytes": r.size, "source_bytes": r.source_size,
+                               "fraction": r.size / r.source_size, "bits_per_weight": r.bpw, "mix": r.mix,
+                               "rank": r.rank, "corrected": r.corrected, "calib_tokens": r.calib_tokens, "seconds": r.seconds}))
+    else:
+        typer.echo(cp.describe(r))
+
+
 def _bench_kernels(threads: Optional[str], as_json: bool) -> None:
     from .kernels_cpu import bench as kb
 
@@ -686,3 +725,7 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m edgellm.cli
+    main()

@@ -63,22 +63,24 @@ class Model:
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """x (T, K) @ W.T -> (T, N), plus the bias `*.bias` when the file has one."""
-        y = self.w.linear(name)(x)
-        bias = name[: -len("weight")] + "bias"
-        if self.w.has(bias):
-            y += self.w.vector(bias)
+        return self._extras(x, self.w.linear(name)(x), name)
+
+    def _extras(self, x: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+        """y += a (b x), a matrix's low-rank correction (`*.lr_a` (N, r), `*.lr_b` (r, K), written
+        by `edgellm compress`), and the bias `*.bias`, where the file has them."""
+        base = name[: -len("weight")]
+        if self.w.has(base + "lr_b"):
+            y += self.w.linear(base + "lr_a")(self.w.linear(base + "lr_b")(x))
+        if self.w.has(base + "bias"):
+            y += self.w.vector(base + "bias")
         return y
 
     def linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
-        """Several matrices sharing their input x (T, K) -> [(T, N_i)], biases added; one pass
-        over x when the weight store and kernels can (`group`)."""
+        """Several matrices sharing their input x (T, K) -> [(T, N_i)], biases and low-rank
+        corrections added; one pass over x when the weight store and kernels can (`group`)."""
         group = getattr(self.w, "group", None)
         ys = group(names)(x) if group is not None else [self.w.linear(n)(x) for n in names]
-        for y, name in zip(ys, names):
-            bias = name[: -len("weight")] + "bias"
-            if self.w.has(bias):
-                y += self.w.vector(bias)
-        return ys
+        return [self._extras(x, y, name) for y, name in zip(ys, names)]
 
     def ffn(self, i: int, h: np.ndarray, gate) -> np.ndarray:
         """Layer i's gated FFN of h (T, n_embd): down(gate(W_gate h, W_up h)), gate being ops'

@@ -57,6 +57,9 @@ class Peer:
 class ClusterModel:
     def __init__(self, path, f: GGUFFile, cls, cfg, rcfg, ops, make_linear):
         self.f, self.cls, self.cfg, self.rcfg = f, cls, cfg, rcfg
+        if any(n.endswith((".lr_a", ".lr_b")) for n in f.tensors):
+            raise ClusterError(f"{f.path.name} carries low-rank corrections (edgellm compress --rank), which a "
+                               "cluster does not shard yet; run it on one node or compress it without --rank")
         self.ops, self.make_linear = ops, make_linear
         self.digest = bytes.fromhex(digest_of(path))
         self.key = wire.load_key(rcfg.cluster_key)
