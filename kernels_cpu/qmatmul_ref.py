@@ -185,7 +185,8 @@ def int8_error_bound(w: np.ndarray, x: np.ndarray, bs: int = 32, qmax: int = 127
 
 # byte offsets of the f16 scale fields in each block, which random bytes must not fill with inf/NaN
 _F16_FIELDS = {GGMLType.Q8_0: (0,), GGMLType.Q5_0: (0,), GGMLType.Q4_K: (0, 2), GGMLType.Q6_K: (208,),
-               GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_1: (0, 2), GGMLType.Q5_K: (0, 2)}
+               GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_1: (0, 2), GGMLType.Q5_K: (0, 2),
+               GGMLType.Q3_K: (108,), GGMLType.Q2_K: (80, 82)}
 
 
 def random_raw(ggml_type: GGMLType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -10,7 +10,8 @@ per token as (see `qmatmul.quantize_x`):
     xd  f32 (Kp / 32,)  the block scales, amax / (127 * 128)
     xs  f32 (Kp / 32,)  the float sums of x over each block (Q4_K's mins use these: exact)
     x4n i32 (Kp / 4,)   minus the sums of v over each 4 elements (the constant offsets:
-                        Q6_K -32, Q5_0 -16, Q8_0 -128 on VNNI, go into the int32 accumulators)
+                        Q6_K -32, Q5_0 -16, Q4_0 -8, Q3_K -4, Q8_0 -128 on VNNI, go into the
+                        int32 accumulators; Q2_K's mins take their 16-element sums of v)
 
 Kp is K padded to a multiple of 64 with zeros, so a pair of 32-blocks can always be read.
 
@@ -23,7 +24,13 @@ sharing the call, or on the CPU path (all paths compute the same integers; the f
 
 Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12 packed 6-bit scales/mins, 128 nibbles (4
 chunks of 64 elements, low nibbles first); Q6_K 210 = 128 low nibbles, 64 bytes of 2-bit highs,
-16 int8 scales, d; Q8_0 34 = d, 32 int8; Q5_0 22 = d, 32 high bits (u32), 16 nibbles.
+16 int8 scales, d; Q3_K 110 = 32 bytes of third bits, 64 of 2-bit lows, 12 packed 6-bit scales
+(+32), d; Q2_K 84 = 16 scale/min nibble pairs, 64 bytes of 2-bit quants, d, dmin; Q8_0 34 = d,
+32 int8; Q5_0 22 = d, 32 high bits (u32), 16 nibbles; Q4_0 18 = d, 16 nibbles.
+
+Q2_K's mins, dmin * m per 16 elements, meet the sums of v over those elements (exact integers
+from x4n; xs comes per 32 elements, too coarse), so its whole product is that of the rounded x:
+one fma per super-block, row and token, into the same float lanes.
 """
 from __future__ import annotations
 
@@ -232,6 +239,119 @@ def _row_q6_k(builder, isa, rows, nb, toks, fetch):
     return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
 
 
+def _halves(builder, blk, off):
+    """The 32 bytes at blk + off twice over, as <64 x i8> (one broadcast load)."""
+    v = load_vec(builder, blk, off, vec(8, 32))
+    return shuffle(builder, v, v, list(range(32)) * 2)
+
+
+def _shr32(builder, v, n):
+    """<64 x i8> v shifted right by n as 16 dwords (the caller masks each byte's field)."""
+    return builder.bitcast(builder.lshr(builder.bitcast(v, vec(32, 16)), const_vec(32, [n] * 16)), vec(8, 64))
+
+
+def _dx16(builder, x, b):
+    """Token x's 32-block scales of super-block b as 16 lanes, one per 16-element sub-block."""
+    dx = load_vec(builder, x["xd"], builder.mul(b, _i64(8)), V8F)
+    return shuffle(builder, dx, dx, [i // 2 for i in range(16)])
+
+
+def _sums16(builder, x, b):
+    """<16 x i32>: minus the sums of token x's v over each 16-element sub-block of super-block b
+    (x4n's 4-sums added in pairs, twice)."""
+    xg = [_x4(builder, x, builder.add(builder.mul(b, _i64(256)), _i64(64 * g))) for g in range(4)]
+
+    def pairs(a, c):
+        return builder.add(shuffle(builder, a, c, range(0, 32, 2)), shuffle(builder, a, c, range(1, 32, 2)))
+    return pairs(pairs(xg[0], xg[1]), pairs(xg[2], xg[3]))
+
+
+# the 2-bit K-quants' 64 weights of a group hold two fields of a qs half, the second one (and its
+# sub-blocks 4 grp + 2, 4 grp + 3) 4x over: one mask takes both; the scales take the 4 back (exact)
+_FIELDS = const_vec(8, [3] * 32 + [12] * 32)
+_QUARTER = ir.Constant(V16F, [1.0 if m % 4 < 2 else 0.25 for m in range(16)])
+
+
+def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, offset_log2):
+    """The 2-bit-field K-quants (Q3_K, Q2_K) per super-block, as `_row_q6_k`:
+    scales(blk) -> (<16 x float> d * sc, <16 x float> dmin * m or None where the type has no mins);
+    weights(blk) -> 4 <64 x i8>, group grp's unsigned quants: elements 64 grp + i, the last 32
+    times 4 (_FIELDS); offset_log2: the quants' constant offset (q - 2^offset_log2), or None.
+    Mins meet each token's (sums of v) * dx per sub-block in one fma per super-block."""
+    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        dx16 = [_dx16(builder, x, b) for x in toks]
+        ws, s16, m16 = [], [], []
+        for row in rows:
+            blk = builder.gep(row, [builder.mul(b, _i64(bytes_per_block))])
+            if fetch:
+                _prefetch(builder, blk, bytes_per_block)
+            dsc, dmn = scales(blk)
+            dsc = builder.fmul(dsc, _QUARTER)
+            s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
+            m16.append(dmn)
+            ws.append(weights(blk))
+        if m16[0] is not None:
+            xm = [builder.fmul(builder.sitofp(_sums16(builder, x, b), V16F), dxt) for x, dxt in zip(toks, dx16)]
+            for dmn, ar in zip(m16, acc):
+                for xmt, ac in zip(xm, ar):
+                    _fma_to(builder, ac, xmt, dmn)  # - dmin m * sum(x) per sub-block
+        for grp in range(4):  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
+            elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
+            xv = [_xv(builder, x, elem) for x in toks]
+            if offset_log2 is None:
+                init = [ZERO16] * len(toks)
+            else:  # (the last 8 lanes' quants are 4x: so is their offset)
+                sh = const_vec(32, [offset_log2] * 8 + [offset_log2 + 2] * 8)
+                init = [builder.shl(_x4(builder, x, elem), sh) for x in toks]
+            for w, ar, sr in zip(ws, acc, s16):
+                for xvt, it, ac, s in zip(xv, init, ar, sr):
+                    f = builder.sitofp(dp4x2(builder, isa, it, w[grp], xvt), V16F)
+                    _fma_to(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
+    return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
+
+
+@_row_intrinsic
+def _row_q3_k(builder, isa, rows, nb, toks, fetch):
+    def scales(blk):
+        v = load_vec(builder, blk, _i64(94), vec(8, 16))  # scale byte i at lane i + 2 (not past byte 110)
+        low = builder.zext(shuffle(builder, v, v, [2 + s % 8 for s in range(16)]), vec(32, 16))
+        low = builder.and_(builder.lshr(low, const_vec(32, [0] * 8 + [4] * 8)), const_vec(32, [15] * 16))
+        top = builder.zext(shuffle(builder, v, v, [10 + s % 4 for s in range(16)]), vec(32, 16))
+        top = builder.and_(builder.lshr(top, const_vec(32, [2 * (s // 4) for s in range(16)])), const_vec(32, [3] * 16))
+        sc = builder.sub(builder.or_(low, builder.shl(top, const_vec(32, [4] * 16))), const_vec(32, [32] * 16))
+        return builder.fmul(builder.sitofp(sc, V16F), splat(builder, f16_to_f32(builder, blk, _i64(108)), 16)), None
+
+    def weights(blk):
+        hm = _halves(builder, blk, _i64(0))  # bit i of byte j: the third bit of element 32 i + j
+        qs = [_halves(builder, blk, _i64(32 + 32 * h)) for h in range(2)]
+        out = []
+        for grp in range(4):
+            low = builder.and_(_shr32(builder, qs[grp // 2], 4 * (grp % 2)), _FIELDS)
+            # hmask bits 2 grp, 2 grp + 1 (a test into a mask register: no shifts, which share one port with vpdpbusd)
+            bit = builder.and_(hm, const_vec(8, [1 << 2 * grp] * 32 + [2 << 2 * grp] * 32))
+            set_ = builder.icmp_unsigned("!=", bit, const_vec(8, [0] * 64))
+            out.append(builder.or_(low, builder.select(set_, const_vec(8, [4] * 32 + [16] * 32), const_vec(8, [0] * 64))))
+        return out
+    return _k16(builder, isa, rows, nb, toks, fetch, 110, scales, weights, 2)
+
+
+@_row_intrinsic
+def _row_q2_k(builder, isa, rows, nb, toks, fetch):
+    def scales(blk):
+        v = load_vec(builder, blk, _i64(0), vec(8, 16))
+        sc = builder.uitofp(builder.and_(v, const_vec(8, [15] * 16)), V16F)
+        mn = builder.uitofp(builder.lshr(v, const_vec(8, [4] * 16)), V16F)
+        return (builder.fmul(sc, splat(builder, f16_to_f32(builder, blk, _i64(80)), 16)),
+                builder.fmul(mn, splat(builder, f16_to_f32(builder, blk, _i64(82)), 16)))
+
+    def weights(blk):
+        qs = [_halves(builder, blk, _i64(16 + 32 * h)) for h in range(2)]
+        return [builder.and_(_shr32(builder, qs[grp // 2], 4 * (grp % 2)), _FIELDS) for grp in range(4)]
+    return _k16(builder, isa, rows, nb, toks, fetch, 84, scales, weights, None)
+
+
 def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
     weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
@@ -287,3 +407,11 @@ def _row_q5_0(builder, isa, rows, nb, toks, fetch):
         fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), vec(8, 32))  # bit i: element i
         return builder.or_(e, builder.shl(fifth, const_vec(8, [4] * 32)))
     return _pairs(builder, isa, rows, nb, toks, fetch, 22, weights, 4)
+
+
+@_row_intrinsic
+def _row_q4_0(builder, isa, rows, nb, toks, fetch):
+    def weights(blk):
+        qs = load_vec(builder, blk, _i64(2), vec(8, 16))
+        return concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
+    return _pairs(builder, isa, rows, nb, toks, fetch, 18, weights, 3)

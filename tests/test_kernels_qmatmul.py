@@ -2,9 +2,11 @@
 
 The reference for a decode product is its recipe in numpy float64: x rounded per 32-block to the
 15-bit integers qmatmul.quantize_x makes (checked here against a numpy transcription), the
-dequantized GGUF weights (quant/, bit-exact to gguf-py), Q4_K's mins against the float sums of x.
-What is left is float32 accumulation: 2e-6 * |x| . |w|. Every CPU path this machine offers must
-give the same bits; results must not depend on threads, batch size or row chunks.
+dequantized GGUF weights (quant/, bit-exact to gguf-py), Q4_K's mins against the float sums of x
+(Q2_K's against those of the rounded x). What is left is float32 accumulation: 2e-6 * |x| . |w|.
+Against the exact product the rounding of x adds at most half a step per element. Every CPU
+path this machine offers must give the same bits; results must not depend on threads, batch
+size or row chunks.
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import numpy as np
 import pytest
 
 from edgellm.kernels_cpu import linear, qmatmul as qm, simd, threads
-from edgellm.kernels_cpu.qmatmul_ref import dequantize_rows, random_raw, split
+from edgellm.kernels_cpu.qmatmul_ref import SPLIT_MINS, dequantize_rows, int8_error_bound, random_raw, split
 from edgellm.loaders.gguf import GGUFFile
 from edgellm.quant.ggml_types import GGMLType as T
+from edgellm.quant.quantize import quantize_rows
 
 from conftest import model_file
 
-QTYPES = [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0]
+QTYPES = [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0, T.Q3_K, T.Q2_K, T.Q4_0]
 PATHS = simd.supported()
 
 
@@ -35,9 +38,9 @@ def _quantized_x(x):
 def _reference(raw, t, k, x):
     v, d = _quantized_x(x)
     xh = (v.reshape(x.shape[0], -1, 32) * d[:, :, None].astype(np.float64)).reshape(x.shape)
-    s = split(raw, t, k)
-    if s.mins is None:
+    if t not in SPLIT_MINS:
         return xh @ dequantize_rows(raw, t, k).astype(np.float64).T
+    s = split(raw, t, k)
     q = s.q.astype(np.float64).reshape(raw.shape[0], -1, s.bs)  # Q4_K: scale * q - mins
     scaled = (q * s.scale[:, :, None]).reshape(raw.shape[0], k)
     xsum = x.reshape(x.shape[0], -1, s.bs).sum(axis=2, dtype=np.float64)
@@ -75,7 +78,26 @@ def test_products_match_the_recipe_on_every_path(t, k):
         assert np.array_equal(y, ys[0]), f"{simd.NAMES[isa]} differs from {simd.NAMES[PATHS[0]]}"
 
 
-@pytest.mark.parametrize("t", [T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+def test_products_are_within_the_15_bit_bound_of_the_exact_product(t):
+    """|y - x . w| <= sum over 32-blocks of amax(x) / (2 * 127 * 128) * |w| (Q4_K: |scale * q|, its
+    mins meet exact sums) plus float32 accumulation."""
+    rng = np.random.default_rng(int(t) + 17)
+    k = 1536
+    raw = random_raw(t, 40, k, rng)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    x[1] *= np.exp(rng.standard_normal(k) * 2).astype(np.float32)  # outlier-heavy blocks
+    w = dequantize_rows(raw, t, k).astype(np.float64)
+    rounded = w
+    if t in SPLIT_MINS:
+        s = split(raw, t, k)
+        rounded = (s.q.reshape(40, -1, s.bs) * s.scale[:, :, None].astype(np.float64)).reshape(40, k)
+    bound = int8_error_bound(rounded, x, 32, 127 * 128) + 2e-6 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    err = np.abs(qm.matmul(qm.Weight(raw, t, k), x) - x.astype(np.float64) @ w.T)
+    assert float((err / bound).max()) <= 1.0
+
+
+@pytest.mark.parametrize("t", [T.Q5_0, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
 def test_an_odd_number_of_32_blocks(t):
     rng = np.random.default_rng(5)
     raw = random_raw(t, 40, 96, rng)  # 3 blocks: one pair and a lone block
@@ -144,7 +166,7 @@ def test_a_prompt_gives_each_token_the_bits_of_its_own_decode(t):
         assert np.array_equal(qm.matmul(w, x[i:i + 1])[0], y[i])
 
 
-@pytest.mark.parametrize("t", [T.F32, T.F16, T.Q4_0, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.Q4_1, T.Q5_K], ids=lambda t: t.name)
 def test_other_types_go_through_the_reference(t):
     rng = np.random.default_rng(4)
     raw = random_raw(t, 30, 256, rng)
@@ -162,6 +184,20 @@ def test_real_weights_of_each_fast_type():
             tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t.type, t.shape[0])).T) + 1e-30
             y = qm.matmul(qm.Weight(raw, t.type, t.shape[0]), x)
             assert float((np.abs(y - _reference(raw, t.type, t.shape[0], x)) / tol).max()) <= 1.0, name
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
+def test_real_weights_requantized(t):
+    """Real values in the fast types the shipped models lack (`edgellm compress` writes them)."""
+    with GGUFFile(model_file("qwen2.5-coder-0.5b")) as f:
+        info = f.info("blk.0.ffn_down.weight")
+        w = dequantize_rows(np.array(f.rows("blk.0.ffn_down.weight")), info.type, info.shape[0])
+    k = w.shape[1]
+    raw = quantize_rows(w, t)
+    x = np.random.default_rng(2).standard_normal((3, k)).astype(np.float32)
+    tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, k)).T) + 1e-30
+    y = qm.matmul(qm.Weight(raw, t, k), x)
+    assert float((np.abs(y - _reference(raw, t, k, x)) / tol).max()) <= 1.0
 
 
 def test_bad_inputs_are_errors():
