@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def cached_importance(engine, text: str, n_tokens: int, progress=None) -> tuple[
         with np.load(path, allow_pickle=False) as z:
             got = {k: z[k].astype(np.float32) for k in z.files if k != "__tokens__"}
             return got, int(z["__tokens__"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     imp, n = importance(engine, text, n_tokens, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ class Plan:
     names: list[str]  # the matrices that were free to change, in file order
     options: list[list[qc.Option]]
     choice: list[int]
-    fixed_bytes: int  # header, 1-D tensors, low-rank factors
+    fixed_bytes: int  # header, 1-D tensors, padding
     rank: int
     lr: list[str]  # the matrices that get low-rank corrections
     size: int = 0  # the output file's bytes (as planned)
@@ -259,11 +260,8 @@ def write(f: GGUFFile, p: Plan, imp: dict, out: Path, metadata_extra: dict, prog
 
     def matrix(name, t, o):
         def make():
-            if o.type == t.type:
-                raw = f.raw(name)
-                if name in lr:
-                    cache[name] = _factors(f, name, t, raw, t.type, imp, p.rank)
-                return raw
+            if o.type == t.type:  # kept as it was (corrections only come with a lower type)
+                return f.raw(name)
             w = _values(f, name)
             raw = quantize_rows(w, o.type, _imp(imp, name, t.shape[0]))
             if name in lr:
@@ -286,8 +284,8 @@ def write(f: GGUFFile, p: Plan, imp: dict, out: Path, metadata_extra: dict, prog
     return write_gguf(out, meta, types, tensors, progress)
 
 
-def _factors(f, name, t, raw, qtype, imp, rank, w=None):
-    w = _values(f, name) if w is None else w
+def _factors(f, name, t, raw, qtype, imp, rank, w):
+    """The stored bytes of a lowered matrix's correction factors (a, b)."""
     w_hat = dequantize(np.ascontiguousarray(raw).reshape(-1), qtype).reshape(w.shape)
     a, b = qc.low_rank(w, w_hat, _imp(imp, name, t.shape[0]), rank)
     return qc.encode_factor(a)[1], qc.encode_factor(b)[1]
