@@ -540,8 +540,8 @@ def compress(
                              "matrix's quantization error; a matrix takes one where it pays for its bytes"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text, UTF-8 (default: license texts and "
                                         "Python sources, never GPL-3)"),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", min=64, max=1 << 20,
-                                     help="tokens of the calibration text the importance matrix reads"),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens",
+                                     help="tokens of the calibration text the importance matrix reads (256 or more)"),
     threads: Optional[str] = THREADS,
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .formats import dequantize
 from .ggml_types import GGMLType
-from .quantize import QUANTIZERS, quantize_rows
+from .quantize import floored, quantize_rows
 
 T = GGMLType
 # the lower-bit types the CPU kernels run, smallest first; the K-quants need rows of 256 multiples
@@ -47,7 +47,7 @@ class Option:
 def candidate_types(k: int, src: GGMLType) -> list[GGMLType]:
     """The types a matrix with rows of k values may be lowered to: fewer bytes than its source."""
     types = K_TYPES if k % 256 == 0 else BLOCK32_TYPES
-    return [t for t in types if k % t.block_size == 0 and t.row_bytes(k) < src.row_bytes(k) and t in QUANTIZERS]
+    return [t for t in types if k % t.block_size == 0 and t.row_bytes(k) < src.row_bytes(k)]
 
 
 def weighted_error(w: np.ndarray, w_hat: np.ndarray, imp: np.ndarray) -> float:
@@ -69,7 +69,7 @@ def options(rows: np.ndarray, n: int, src: GGMLType, imp: np.ndarray, rank: int 
     A correction's error is estimated out of sample: the scaled error's top right singular
     vectors from the even rows, the error they leave on the odd rows."""
     k = rows.shape[1]
-    s = np.sqrt(np.maximum(imp, 1e-3 * max(float(imp.mean()), 1e-30))).astype(np.float64)  # (K,)
+    s = np.sqrt(floored(imp)).astype(np.float64)  # (K,)
     out = [Option(src, n * src.row_bytes(k), 0.0)]
     for t in reversed(candidate_types(k, src)):
         back = dequantize(quantize_rows(rows, t, imp).reshape(-1), t).reshape(rows.shape)
@@ -144,7 +144,7 @@ def low_rank(w: np.ndarray, w_hat: np.ndarray, imp: np.ndarray, rank: int, seed:
     -> a float32 (N, r), b float32 (r, K) with w_hat + a @ b ~ w (randomized SVD of the scaled error)."""
     n, k = w.shape
     r = min(rank, n, k)
-    s = np.sqrt(np.maximum(imp, 1e-3 * max(float(imp.mean()), 1e-30))).astype(np.float32)  # (K,)
+    s = np.sqrt(floored(imp))  # (K,)
     m = (np.asarray(w, np.float32) - w_hat) * s  # (N, K)
     rng = np.random.default_rng(seed)
     y = m @ rng.standard_normal((k, min(k, r + 8)), dtype=np.float32)  # (N, r + p)
@@ -168,9 +168,9 @@ def factor_bytes(n: int, k: int, rank: int) -> int:
     return n * factor_type(rank).row_bytes(rank) + rank * factor_type(k).row_bytes(k)
 
 
-def encode_factor(x: np.ndarray) -> tuple[GGMLType, np.ndarray]:
-    """A factor float32 (rows, cols) -> (type, bytes) as stored."""
+def encode_factor(x: np.ndarray) -> np.ndarray:
+    """A factor float32 (rows, cols) -> its bytes as stored (`factor_type(cols)`)."""
     t = factor_type(x.shape[1])
     if t == T.F16:
-        return t, np.ascontiguousarray(x, np.float16).view(np.uint8)
-    return t, quantize_rows(x, t)
+        return np.ascontiguousarray(x, np.float16).view(np.uint8)
+    return quantize_rows(x, t)

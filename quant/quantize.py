@@ -196,6 +196,13 @@ def _q2_k(x, w):
                            msup.astype(np.float16).view(np.uint8)], axis=1)
 
 
+def floored(imp: np.ndarray) -> np.ndarray:
+    """Importances (K,) with a floor of 1e-3 of their mean: a channel never seen in calibration
+    still matters a little (and no weight is zero where it is divided by)."""
+    imp = np.asarray(imp, F32)
+    return np.maximum(imp, F32(1e-3) * max(float(imp.mean()), 1e-30)).astype(F32)
+
+
 QUANTIZERS = {GGMLType.Q2_K: _q2_k, GGMLType.Q3_K: _q3_k, GGMLType.Q4_0: _q4_0, GGMLType.Q4_K: _q4_k,
               GGMLType.Q5_0: _q5_0, GGMLType.Q6_K: _q6_k, GGMLType.Q8_0: _q8_0}
 _CHUNK = 1 << 20  # elements quantized at a time (bounds the temporaries)
@@ -211,9 +218,7 @@ def quantize_rows(w: np.ndarray, ggml_type: GGMLType, imp: np.ndarray | None = N
     n, k = w.shape
     if k % t.block_size:
         raise ValueError(f"rows of {k} values are not a whole number of {t.name} blocks of {t.block_size}")
-    imp = np.ones(k, F32) if imp is None else np.asarray(imp, F32)
-    # a floor keeps every column in play (a channel never seen in calibration still matters a little)
-    imp = np.maximum(imp, F32(1e-3) * max(float(imp.mean()), 1e-30)).astype(F32)
+    imp = np.ones(k, F32) if imp is None else floored(imp)
     out = np.empty((n, t.row_bytes(k)), np.uint8)
     nb = k // t.block_size
     wb = np.broadcast_to(imp.reshape(nb, t.block_size), (max(1, _CHUNK // k), nb, t.block_size))

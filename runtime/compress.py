@@ -33,6 +33,7 @@ from ..quant.quantize import quantize_rows
 
 CALIB_CHUNK = 512
 CALIB_TOKENS = 4096
+MIN_CALIB_TOKENS = 256
 LOW_RANK = ("lr_a", "lr_b")
 MAX_RANK = qc.SAMPLE_ROWS // 4  # (a correction's error is estimated on half the sample rows)
 
@@ -92,8 +93,8 @@ def importance(engine, text: str, n_tokens: int = CALIB_TOKENS, progress=None) -
     number of tokens read."""
     tok = engine.tokenizer
     ids = tok.encode(text, add_special=True, parse_special=False)[:n_tokens]
-    if len(ids) < 256:
-        raise CompressError(f"the calibration text has {len(ids)} tokens; at least 256 are needed")
+    if len(ids) < MIN_CALIB_TOKENS:
+        raise CompressError(f"the calibration text has {len(ids)} tokens; at least {MIN_CALIB_TOKENS} are needed")
     model = engine.model
     rec = _Recorder(model.w)
     model.w = rec
@@ -148,10 +149,8 @@ class Plan:
     names: list[str]  # the matrices that were free to change, in file order
     options: list[list[qc.Option]]
     choice: list[int]
-    fixed_bytes: int  # header, 1-D tensors, padding
     rank: int
     lr: list[str]  # the matrices that get low-rank corrections
-    size: int = 0  # the output file's bytes (as planned)
 
     def chosen(self, name: str) -> qc.Option:
         i = self.names.index(name)
@@ -219,12 +218,8 @@ def plan(f: GGUFFile, imp: dict, target: int, rank: int, metadata_extra: dict, p
         opts.append(qc.options(sample, t.n_rows, t.type, _imp(imp, n, t.shape[0]), rank if n in lr_ok else 0))
         if progress:
             progress(i + 1, len(mats))
-    fixed = fixed_bytes(f, rank, metadata_extra)
-    choice = qc.allocate(opts, target - fixed)  # (the caller checked smallest_size)
-    lr = [n for n, o, c in zip(mats, opts, choice) if o[c].rank]
-    p = Plan(mats, opts, choice, fixed, rank, lr)
-    p.size = fixed + sum(o[c].nbytes for o, c in zip(opts, choice))
-    return p
+    choice = qc.allocate(opts, target - fixed_bytes(f, rank, metadata_extra))  # (the caller checked smallest_size)
+    return Plan(mats, opts, choice, rank, [n for n, o, c in zip(mats, opts, choice) if o[c].rank])
 
 
 def _mb(n: int) -> str:
@@ -288,7 +283,7 @@ def _factors(f, name, t, raw, qtype, imp, rank, w):
     """The stored bytes of a lowered matrix's correction factors (a, b)."""
     w_hat = dequantize(np.ascontiguousarray(raw).reshape(-1), qtype).reshape(w.shape)
     a, b = qc.low_rank(w, w_hat, _imp(imp, name, t.shape[0]), rank)
-    return qc.encode_factor(a)[1], qc.encode_factor(b)[1]
+    return qc.encode_factor(a), qc.encode_factor(b)
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -347,6 +342,8 @@ def compress(model_path: Path, out: Path, size: int | None = None, bpw: float | 
     t0 = time.monotonic()
     if (size is None) == (bpw is None):
         raise CompressError("give exactly one of --size and --bpw")
+    if not MIN_CALIB_TOKENS <= calib_tokens <= 1 << 20:
+        raise CompressError(f"--calib-tokens {calib_tokens} is out of range {MIN_CALIB_TOKENS}..{1 << 20}")
     if not 0 <= rank <= MAX_RANK:
         raise CompressError(f"--rank {rank} is out of range 0..{MAX_RANK}")
     out = _check_output(out, model_path)

@@ -62,6 +62,9 @@ def check_model(model) -> None:
     b = "blk.0."
     if not hasattr(w, "linear") or not all(hasattr(w.linear(b + n), "w") for n in ("ffn_gate.weight", "ffn_up.weight")):
         raise SparsityError("sparsity needs the numba kernels (not --backend numpy) and resident weights")
+    if any(w.has(f"blk.{i}.ffn_{n}.lr_b") for i in range(model.cfg.n_layer) for n in ("gate", "up", "down")):
+        raise SparsityError("sparsity does not apply the low-rank corrections of a compressed model's FFNs; "
+                            "use a file compressed without --rank")
     down = w.f.info(b + "ffn_down.weight").type.name
     if down not in ("Q4_K", "Q6_K") or model.cfg.n_ff % 256:
         raise SparsityError(f"sparsity needs Q4_K or Q6_K down matrices of a multiple of 256 inputs "

@@ -288,9 +288,13 @@ def test_compress_bad_input(tmp_path, corrected_gemma):
     assert r.returncode == 1 and "not UTF-8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli("compress", str(src), "-o", str(tmp_path / "o.gguf"))
     assert r.returncode == 1 and "exactly one of --size and --bpw" in r.stderr
+    r = _cli("compress", str(src), "-o", str(tmp_path / "o.gguf"), "--size", "200M", "--calib-tokens", "100")
+    assert r.returncode == 1 and "--calib-tokens 100 is out of range 256" in r.stderr
     r = _cli("compress", str(src), "-o", str(tmp_path / "o.gguf"), "--size", "2G")
     assert r.returncode == 1 and "nothing to compress" in r.stderr
     out, _ = corrected_gemma
     r = _cli("compress", str(out), "-o", str(tmp_path / "o.gguf"), "--size", "100M")
     assert r.returncode == 1 and "already compressed" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["cut.txt", "ro"]
+    r = _cli("run", str(out), "Hello", "-n", "2", "--sparsity", "0.3")  # the sparse FFN would skip them
+    assert r.returncode == 1 and "low-rank corrections" in r.stderr and "Traceback" not in r.stderr
