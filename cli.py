@@ -277,8 +277,9 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and speed on stderr"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="workers HOST:PORT[,...] to run tensor-parallel with"),
-    key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`); needed off loopback"),
-    split: Optional[str] = typer.Option(None, "--split", help="cluster share weights, this node first, e.g. 2,1,1"),
+    key: Optional[str] = typer.Option(None, "--key", help="this node's cluster key (`edgellm keygen`); needed off loopback"),
+    allow: Optional[str] = typer.Option(None, "--allow", help="certificates of the workers to accept (PEM; default: --key's own)"),
+    split: Optional[str] = typer.Option(None, "--split", help="cluster share weights, this node first, e.g. 2,1,1 (default auto: by measured speed)"),
     cluster_timeout: float = typer.Option(5.0, "--cluster-timeout", min=0.05, help="seconds before a silent node counts as lost"),
     draft: Optional[str] = DRAFT,
     lookup: int = LOOKUP,
@@ -296,7 +297,7 @@ def run(
                                            spec=_speculative(draft, lookup, draft_max) | _sparse(sparsity, sparsity_calib)
                                            | _cache(cache_type)),
                            cluster, key, split,
-                           cluster_timeout)
+                           cluster_timeout, allow)
     eng = _load(model, rcfg, verbose and not as_json)
     try:
         ids = eng.tokenizer.encode(text)
@@ -312,6 +313,7 @@ def run(
                     typer.echo(_step_line(shown, step), err=True)
                     shown += 1
         st = eng.stats
+        nodes = eng.model.node_stats() if hasattr(eng.model, "node_stats") else None
         if as_json:
             typer.echo(json.dumps({
                 "prompt_ids": ids, "ids": st.ids, "text": "".join(pieces),
@@ -320,11 +322,16 @@ def run(
                 "compute_s": st.compute_s, "io_wait_s": st.io_wait_s, "bytes_read": st.bytes_read,
                 "speculative": st.speculative,
                 "sparsity": eng.model.sparse.describe() if getattr(eng.model, "sparse", None) else None,
+                **({"cluster": nodes} if nodes is not None else {}),
             }))
         else:
             sys.stdout.write("\n")
             if verbose:
                 typer.echo(_stats_line(st), err=True)
+                for n in nodes or []:
+                    typer.echo(f"[cluster {n['node']}: {n['weight_bytes'] / 1e6:,.0f} MB of weights"
+                               + (f", {n['streamed_per_pass'] / 1e6:,.0f} MB streamed per pass" if n['streamed_per_pass'] else "")
+                               + f", peak RSS {n['peak_rss_bytes'] / 1e6:,.0f} MB]", err=True)
     finally:
         eng.close()
 
@@ -664,25 +671,28 @@ def serve(
 # ---- the LAN cluster (edgellm.runtime.cluster): `worker`, `keygen`, and --cluster on `run` ----
 
 
-def _cluster_config(rcfg, cluster: Optional[str], key: Optional[str], split: Optional[str], timeout: float = 5.0):
-    """`rcfg` with the --cluster, --key, --split and --cluster-timeout options applied."""
+def _cluster_config(rcfg, cluster: Optional[str], key: Optional[str], split: Optional[str], timeout: float = 5.0,
+                    allow: Optional[str] = None):
+    """`rcfg` with the --cluster, --key, --allow, --split and --cluster-timeout options applied."""
     import dataclasses
 
     if not cluster:
         return rcfg
     try:
-        weights = tuple(float(w) for w in split.split(",")) if split else ()
+        weights = tuple(float(w) for w in split.split(",")) if split and split != "auto" else ()
     except ValueError:
         raise rt.EdgeLLMError(f"--split must be comma-separated numbers, not {split!r}") from None
     nodes = tuple(a.strip() for a in cluster.split(",") if a.strip())
-    return dataclasses.replace(rcfg, cluster=nodes, cluster_key=key, cluster_split=weights, cluster_timeout=timeout)
+    return dataclasses.replace(rcfg, cluster=nodes, cluster_key=key, cluster_allow=allow, cluster_split=weights,
+                               cluster_timeout=timeout)
 
 
 @app.command()
 def worker(
     listen: str = typer.Option("127.0.0.1:7370", "--listen", help="HOST:PORT to listen on (off loopback: needs --key)"),
-    key: Optional[str] = typer.Option(None, "--key", help="cluster key file (`edgellm keygen`)"),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 2G"),
+    key: Optional[str] = typer.Option(None, "--key", help="this node's cluster key (`edgellm keygen`)"),
+    allow: Optional[str] = typer.Option(None, "--allow", help="certificates of the coordinators to accept (PEM; default: --key's own)"),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory this node may use, e.g. 500M; a shard that does not fit streams from disk"),
     threads: Optional[str] = THREADS,
 ) -> None:
     """Serve a share of a model to a coordinator (`edgellm run MODEL --cluster HOST:PORT`)."""
@@ -692,7 +702,7 @@ def worker(
 
     logging.basicConfig(level=logging.INFO, format="edgellm worker: %(message)s")
     host, port = cluster.parse_address(listen)
-    w = cluster.Worker(host, port, cluster.load_key(key), cluster.parse_size(memory_budget),
+    w = cluster.Worker(host, port, cluster.load_identity(key, allow), cluster.parse_size(memory_budget),
                        _runtime_config(threads, 512).max_threads if threads else None)
     typer.echo(f"edgellm worker listening on {w.address[0]}:{w.address[1]}")
     sys.stdout.flush()
@@ -707,11 +717,14 @@ def keygen(
     file: str = typer.Argument(..., help="where to write the new key"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
 ) -> None:
-    """Make a pre-shared cluster key; copy it to every node and pass --key FILE."""
+    """Make a node key (Ed25519, with its certificate in FILE.crt) for the cluster's TLS connections."""
     from .runtime import cluster
 
     path = cluster.keygen(file, force)
-    typer.echo(f"wrote a new cluster key to {path} (keep it secret; copy it to every node)")
+    ident = cluster.load_identity(path)
+    typer.echo(f"wrote a new node key to {path} (keep it secret) and its certificate to {path}.crt "
+               f"(fingerprint {ident.name}). Either copy {path} to every node (one shared identity), or give "
+               f"each node its own key and list the others' .crt files in --allow FILE.")
 
 
 def main() -> None:

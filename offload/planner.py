@@ -280,7 +280,24 @@ def measure_baseline() -> int:
         rss = int(re.search(r"VmRSS:\s+(\d+) kB", s).group(1)) * 1024
     except (OSError, AttributeError):
         return BASELINE
-    return max(BASELINE, rss + FIRST_PASS)
+    return max(BASELINE, rss - _mapped_model_bytes() + FIRST_PASS)
+
+
+def _mapped_model_bytes() -> int:
+    """Resident bytes of mapped .gguf files: pages of the model file read through a mapping (a
+    worker that wrote its shard file, an earlier session), clean and reclaimable, and counted by
+    the plan as weights, not as the process."""
+    total, mine = 0, False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                if not line[0].isupper():  # a mapping's header: "addr-addr perms offset dev inode path"
+                    mine = line.rstrip().endswith(".gguf")
+                elif mine and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
 
 
 def memory_limit() -> int:

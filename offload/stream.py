@@ -164,8 +164,8 @@ class StreamingWeights:
         self._q: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
-        t = f.info("token_embd.weight")
-        self._table = RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes)
+        t = f.tensors.get("token_embd.weight")  # absent from a cluster node's shard file (cluster/shard.py)
+        self._table = RowTable(self.fd_buffered, t.offset, t.n_rows, t.row_bytes) if t is not None else None
         # telemetry (cumulative; the engine takes differences per forward pass)
         self.bytes_read = 0  # streamed bytes read from disk
         self.load_bytes_read = 0  # bytes read at load (resident units, small tensors)
@@ -252,7 +252,8 @@ class StreamingWeights:
 
     @property
     def telemetry(self) -> dict:
-        return {"bytes_read": self.bytes_read + self._table.bytes_read, "io_wait_s": self.io_wait_s}
+        table = self._table.bytes_read if self._table is not None else 0
+        return {"bytes_read": self.bytes_read + table, "io_wait_s": self.io_wait_s}
 
     # ---- matrices in buffers --------------------------------------------------------------------
 

@@ -88,7 +88,8 @@ class RuntimeConfig:
     n_batch: int = 512  # prompt tokens per forward pass
     backend: str | None = None  # kernel backend; None = the fastest available
     cluster: tuple[str, ...] = ()  # workers' "host:port" (runtime/cluster); empty: this node alone
-    cluster_key: str | None = None  # pre-shared key file (`edgellm keygen`); needed off loopback
+    cluster_key: str | None = None  # this node's key file (`edgellm keygen`); needed off loopback
+    cluster_allow: str | None = None  # certificates (PEM) of the nodes accepted; None: the key's own
     cluster_split: tuple[float, ...] = ()  # share weights: this node first, then each worker
     cluster_timeout: float = 5.0  # seconds without an expected message before a node counts as lost
     memory_budget: int | str | None = None  # bytes (or "400M", "1.5G") the process may use; None: all it needs

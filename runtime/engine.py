@@ -232,6 +232,9 @@ class Engine:
             raise EdgeLLMError("the prompt is empty")
         if len(ids) > self.n_ctx:
             raise EdgeLLMError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}")
+        begin = getattr(self.model, "begin_request", None)  # a cluster re-admits nodes that came back
+        if begin is not None:
+            begin()
         keep = 0 if all_logits else self.reusable(ids)
         self.tokens = list(ids[:keep])
         self.stats.cached_tokens = keep

@@ -9,7 +9,16 @@ Faults: every wait has a deadline (`cluster_timeout`). A worker that errs, close
 raises NodeFailure; the coordinator logs which node and why, re-plans over the nodes left (each
 reloads from its own file, or is sent only the pieces it lacks), re-prefills the tokens so far
 and runs the pass again. If the nodes left cannot hold the model, the request fails with a
-ClusterError saying so; the next request tries every configured node again.
+ClusterError saying so; the next request tries every configured node again. A lost node that
+answers again (restarted, or back on the network) is re-admitted at the next request or chat turn
+(`begin_request`): shards re-planned over it, sent only the pieces it lacks.
+
+Shares (`--split auto`, the default): at the handshake each worker reports its free memory, its
+process size and the weight bytes per second its kernels multiply (`shard.matvec_rate`); the
+handshake's hellos time the round trip. Shares follow the rates, so every node finishes
+its part of a layer together, and a node whose share would save less time than its round trips
+add is left out and told why (`plan.choose_nodes`). Memory budgets (a node's --memory-budget, or
+its free memory) cap the shares: a node whose shard does not fit streams it (shard.stream_shard).
 """
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ import numpy as np
 from ...errors import EdgeLLMError
 from ...loaders.gguf import GGUFFile
 from . import wire
-from .plan import local_config, make_plan
+from ...offload.planner import BudgetError, measure_baseline
+from .keys import load_identity
+from .plan import choose_nodes, local_config, make_plan, weight_bytes
 from .replica import digest_of, piece_data
-from .shard import ShardedWeights
-from .messages import (BYE, INFO, INFO_S, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK, PIECE_S, PLAN,
-                       PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STEP, STEP_S, SUM, step_limit)
+from .shard import ShardedWeights, matvec_rate, resident_bytes, stream_shard
+from .messages import (BYE, ERROR, INFO, INFO_S, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK, PIECE_S, PLAN,
+                       PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STATS, STATS_S, STEP, STEP_S, SUM, step_limit)
 from .wire import ClusterError, array
 
 log = logging.getLogger("edgellm.cluster")
@@ -45,7 +56,9 @@ class Peer:
         self.address, self.index = address, index
         self.name = f"node {index} ({address})"
         self.ch: wire.Channel | None = None
-        self.has = self.budget = self.threads = self.weight_bytes = 0
+        self.has = self.budget = self.threads = self.weight_bytes = self.baseline = self.free = 0
+        self.rate = self.rtt = 0.0
+        self.batch = self.streamed = 0
         self.shard = None
 
     def close(self) -> None:
@@ -62,14 +75,18 @@ class ClusterModel:
                                "cluster does not shard yet; run it on one node or compress it without --rank")
         self.ops, self.make_linear = ops, make_linear
         self.digest = bytes.fromhex(digest_of(path))
-        self.key = wire.load_key(rcfg.cluster_key)
+        self.identity = load_identity(rcfg.cluster_key, getattr(rcfg, "cluster_allow", None))
         self.timeout = float(rcfg.cluster_timeout)
         self.peers = [Peer(a, i + 1) for i, a in enumerate(rcfg.cluster)]
-        split = list(rcfg.cluster_split) or [1.0] * (len(self.peers) + 1)
-        if len(split) != len(self.peers) + 1:
+        split = list(rcfg.cluster_split)
+        if split and len(split) != len(self.peers) + 1:
             raise ClusterError(f"--split has {len(split)} weights for {len(self.peers) + 1} nodes "
                                "(the coordinator first, then each --cluster node)")
-        self.split = split
+        self.split = split  # empty: auto, by the nodes' measured speeds
+        self.rate = matvec_rate(make_linear) if not split else 0.0
+        self.slow: set[str] = set()  # addresses left out as too slow to help (not retried)
+        self.batch = rcfg.n_batch  # tokens per cluster pass: the smallest any node's memory allows
+        self._replay_from = None
         self.budget = getattr(rcfg, "memory_budget", None)
         self.n_ctx = min(rcfg.n_ctx, cfg.n_ctx_train)
         self.cache: dict = {}  # this node's packed weights, kept across re-plans
@@ -92,7 +109,8 @@ class ClusterModel:
             raise EdgeLLMError(f"context full: {start + ids.shape[0]} tokens exceed the context of {self.n_ctx}")
         if start > len(self.history):
             raise EdgeLLMError(f"forward at position {start} but only {len(self.history)} tokens are cached")
-        replay = False
+        replay = self._replay_from is not None
+        self._replay_from = None
         for _ in range(len(self.peers) + 2):
             try:
                 if self.local is None:  # a re-plan failed earlier: try every configured node again
@@ -101,7 +119,7 @@ class ClusterModel:
                 if replay:
                     self._replay(start)
                     replay = False
-                logits = self._forward(ids, start, all_logits)
+                logits = self._chunks(ids, start, all_logits)
                 del self.history[start:]
                 self.history.extend(ids.tolist())
                 return logits
@@ -110,7 +128,48 @@ class ClusterModel:
                 replay = True
         raise ClusterError("the cluster keeps losing nodes; giving up on this request")
 
+    def begin_request(self) -> None:
+        """Called by the engine before each request or chat turn: lost nodes that answer again are
+        admitted (the shards re-planned over them; the next pass rebuilds the KV caches)."""
+        live = {p.address for p in self.live}
+        back = [p for p in self.peers if p.address not in live and p.address not in self.slow and self._reachable(p)]
+        if not back:
+            return
+        self._note(f"{', '.join(p.name for p in back)} answering again; re-planning over "
+                   f"{len(self.live) + len(back) + 1} nodes")
+        self._setup([p for p in self.peers if p.address in live or p in back], strict=False)
+        self._replay_from = 0
+
+    def _reachable(self, p: Peer) -> bool:
+        try:
+            socket.create_connection((p.host, p.port), timeout=min(self.timeout, 1.0)).close()
+            return True
+        except OSError:
+            return False
+
+    def node_stats(self) -> list[dict]:
+        """Per node (the coordinator first): peak and current resident bytes, bytes streamed from
+        disk, time waiting for streamed weights. A node that does not answer is skipped."""
+        from .worker import _rss
+
+        tel = getattr(self.local.w, "telemetry", {}) if self.local is not None else {}
+        out = [{"node": "coordinator", "peak_rss_bytes": _rss("VmHWM"), "rss_bytes": _rss("VmRSS"),
+                "bytes_read": int(tel.get("bytes_read", 0)), "io_wait_s": float(tel.get("io_wait_s", 0.0)),
+                "weight_bytes": self.weight_bytes, "streamed_per_pass": self.streamed}]
+        for p in self.live:
+            try:
+                self._send(p, STATS)
+                _, pl = self._recv(p, (STATS,))
+                peak, rss, nread, wait = wire.unpack(STATS_S, pl)
+            except NodeFailure:
+                continue
+            out.append({"node": p.address, "peak_rss_bytes": peak, "rss_bytes": rss, "bytes_read": nread,
+                        "io_wait_s": wait, "weight_bytes": p.weight_bytes, "streamed_per_pass": p.streamed})
+        return out
+
     def close(self) -> None:
+        if self.local is not None and hasattr(self.local.w, "close"):
+            self.local.w.close()
         for p in self.live:
             if p.ch is not None:
                 try:
@@ -150,17 +209,37 @@ class ClusterModel:
             _, pl = self._recv(p, (INFO,), self._setup_deadline())
             if len(pl) != INFO_S.size:
                 raise NodeFailure(p, "malformed INFO")
-            p.has, p.budget, p.threads = INFO_S.unpack(pl)
+            p.has, p.budget, p.threads, p.baseline, p.free, p.rate = INFO_S.unpack(pl)
+            if not (p.rate > 0 and p.rate < 1e15):
+                raise NodeFailure(p, "reported an impossible speed")
             p.ch.set_limit(PIECE_S.size + PIECE_CHUNK)
             if p.has == 0:  # no copy of the model at all: send the GGUF header first
                 if header is None:
                     with open(f.path, "rb") as fh:
                         header = memoryview(fh.read(f.data_offset))
                 self._send_piece(p, -1, 0, 0, f.data_offset, header)
-        weights = [self.split[0]] + [self.split[p.index] for p in peers]
-        budgets = [self.budget] + [p.budget or None for p in peers]
+        if self.split:
+            weights = [self.split[0]] + [self.split[p.index] for p in peers]
+        else:  # speed-weighted; nodes too slow to help are told so and left out
+            rates = [self.rate] + [p.rate for p in peers]
+            keep, why = choose_nodes(rates, [0.0] + [p.rtt for p in peers], 2 * cfg.n_layer, self._model_bytes())
+            for i, reason in why:
+                p = peers[i - 1]
+                self._note(f"{p.name} left out: {reason}")
+                self.slow.add(p.address)
+                try:
+                    p.ch.send(ERROR, f"left out of the cluster: {reason}".encode()[:1024],
+                              timeout=1.0)
+                except wire.ClusterError:
+                    pass
+                p.close()
+            peers[:] = [peers[i - 1] for i in keep if i > 0]
+            weights = [self.rate] + [p.rate for p in peers]
+        budgets = [self.budget] + [p.budget or p.free or None for p in peers]
+        baselines = [measure_baseline()] + [p.baseline or None for p in peers]
         plan = make_plan(cfg, f, weights, budgets, self.n_ctx, rc.n_batch,
-                         names=["the coordinator"] + [p.name for p in peers], cache_type=rc.cache_type)
+                         names=["the coordinator"] + [p.name for p in peers], cache_type=rc.cache_type,
+                         baselines=baselines)
         h = plan.digest(self.digest, self.n_ctx, rc.n_batch)
         table = plan.table().astype("<i8")
         for r, p in enumerate(peers, 1):
@@ -176,7 +255,9 @@ class ClusterModel:
                 except ValueError:
                     raise NodeFailure(p, "asked for a piece that does not exist") from None
                 self._send_piece(p, i, axis, lo, hi, data)
-        store = ShardedWeights(f, cfg, plan.nodes[0], 0, self.make_linear, self.cache)
+        store, batch = self._local_store(plan), rc.n_batch
+        if hasattr(store, "plan"):
+            batch = store.plan.n_batch
         local = self.cls(local_config(cfg, plan.nodes[0]), rc, store, self.ops)
         store.load_all()
         for p in peers:
@@ -186,13 +267,35 @@ class ClusterModel:
                     break
             if len(pl) != READY_S.size or READY_S.unpack(pl)[0] != h:
                 raise NodeFailure(p, "acknowledged another plan")
-            p.weight_bytes = READY_S.unpack(pl)[1]
+            _, p.weight_bytes, p.batch, p.streamed = READY_S.unpack(pl)
+            if not 1 <= p.batch <= rc.n_batch:
+                raise NodeFailure(p, "reported an impossible batch size")
+            batch = min(batch, p.batch)
             p.ch.set_limit(step_limit(rc.n_batch, cfg.n_embd, p.shard.v1 - p.shard.v0))
         local.reduce = self._allreduce
-        self.local, self.plan, self.live, self.weight_bytes = local, plan, peers, store.weight_bytes
+        self.local, self.plan, self.live, self.batch = local, plan, peers, batch
+        self.weight_bytes = weight_bytes(cfg, f, plan.nodes[0], 0)
+        self.streamed = store.plan.stream_bytes if hasattr(store, "plan") else 0
         log.info("cluster of %d nodes ready: %s", len(plan.nodes),
                  "; ".join(f"{n}: heads [{s.h0}, {s.h1}) FFN [{s.f0}, {s.f1}) vocab [{s.v0}, {s.v1})"
                            for n, s in zip(["coordinator"] + [p.name for p in peers], plan.nodes)))
+
+    def _model_bytes(self) -> int:
+        return sum(t.nbytes for t in self.f.tensors.values()
+                   if not (t.name == "token_embd.weight" and "output.weight" in self.f.tensors))
+
+    def _local_store(self, plan):
+        """This node's shard: resident, or streamed from its shard file when --memory-budget cannot hold it."""
+        cfg, f, rc = self.cfg, self.f, self.rcfg
+        if self.budget and resident_bytes(cfg, f, plan.nodes[0], 0, self.n_ctx, rc.n_batch, rc.cache_type) > self.budget:
+            self.cache.clear()
+            try:
+                store = stream_shard(f, cfg, plan.nodes[0], 0, self.make_linear, self.digest.hex(), rc, self.budget)
+            except BudgetError as e:
+                raise ClusterError(f"the coordinator's shard does not fit its memory budget even streamed: {e}") from None
+            log.info("coordinator streams its shard:\n%s", store.plan.describe())
+            return store
+        return ShardedWeights(f, cfg, plan.nodes[0], 0, self.make_linear, self.cache)
 
     def _setup_deadline(self) -> float:
         """Setup waits (a node opening and parsing its file, computing what it lacks) get more time
@@ -207,7 +310,8 @@ class ClusterModel:
             raise NodeFailure(p, f"cannot connect: {e.strerror or e}") from None
         try:
             wire.tune(sock)
-            p.ch = wire.handshake_coordinator(sock, self.key, max(self.timeout, 2.0))
+            p.ch = wire.handshake_coordinator(sock, self.identity, max(self.timeout, 2.0))
+            p.rtt = p.ch.rtt
         except (wire.ClusterError, OSError) as e:
             sock.close()
             raise NodeFailure(p, str(e)) from None
@@ -228,9 +332,21 @@ class ClusterModel:
 
     def _replay(self, start: int) -> None:
         """Rebuild the new shards' KV caches: re-prefill the tokens before `start`."""
-        n = self.rcfg.n_batch
+        n = self.batch
         for s in range(0, start, n):
             self._forward(np.asarray(self.history[s:min(start, s + n)], np.int64), s, False)
+
+    def _chunks(self, ids: np.ndarray, start: int, all_logits: bool) -> np.ndarray:
+        """A forward pass in batches of at most `self.batch` tokens (the smallest any node's budget allows)."""
+        if ids.shape[0] <= self.batch:
+            return self._forward(ids, start, all_logits)
+        out = []
+        for s in range(0, ids.shape[0], self.batch):
+            last = s + self.batch >= ids.shape[0]
+            r = self._forward(ids[s:s + self.batch], start + s, all_logits)
+            if all_logits or last:
+                out.append(r)
+        return np.concatenate(out)
 
     def _note(self, msg: str) -> None:
         self.events.append(msg)

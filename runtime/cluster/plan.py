@@ -252,11 +252,62 @@ def _plan(cfg: ModelConfig, f: GGUFFile, shares: np.ndarray) -> Plan:
                       for r in range(N)))
 
 
+def node_sizes(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int, cache_type: str = "f16"):
+    """offload.planner's ModelSizes of a node's shard, laid out as its shard file would be (each
+    layer's slices contiguous, the head's vocabulary rows last): what its memory plan is made of."""
+    from ...offload.planner import ALIGN, ModelSizes, Unit
+
+    sl = node_tensors(cfg, f, s, rank)
+    head = output_name(f)
+    layers: dict[int, list[str]] = {}
+    small = 0
+    for n, x in sl.items():
+        t = f.info(n)
+        if len(t.shape) == 1:
+            small += slice_bytes(t, x) // max(1, t.nbytes // t.shape[0]) * 4
+        elif n != head:
+            layers.setdefault(int(n.split(".")[1]), []).append(n)
+    units, at = [], 0
+    for i in range(cfg.n_layer):
+        names = tuple(layers.get(i, ()))
+        n = sum(slice_bytes(f.info(m), sl[m]) for m in names)
+        units.append(Unit(f"blk.{i}", at, n, names))
+        at += -(-n // ALIGN) * ALIGN
+    t = f.info(head)
+    rows = s.v1 - s.v0
+    largest = max(u.nbytes for u in units)
+    per = max(1, largest // t.row_bytes)
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        units.append(Unit(f"{head}[{r0}:{r1}]", at, (r1 - r0) * t.row_bytes, (head,), (r0, r1)))
+        at += (r1 - r0) * t.row_bytes
+    lc = local_config(cfg, s)
+    kv = kv_bytes(cache_type, cfg.n_layer * lc.n_head_kv * (cfg.head_dim + cfg.head_dim_v))
+    return ModelSizes(tuple(units), (), small, "token_embd.weight", cfg.n_embd, lc.n_ff, rows, kv, at)
+
+
+def node_minimum(cfg, f, plan: "Plan", rank: int, n_ctx: int, n_batch: int, cache_type: str = "f16",
+                 baseline: int | None = None) -> int:
+    """The least memory node `rank` runs its shard in: process, KV cache, small tensors, one
+    streaming buffer of its largest layer, a small batch's activations (offload.planner's minimum)."""
+    from ...offload import planner
+
+    sizes = node_sizes(cfg, f, plan.nodes[rank], rank, cache_type)
+    base = planner.BASELINE + planner.FIRST_PASS if baseline is None else baseline
+    kv = sizes.kv_bytes_per_token * min(n_ctx, cfg.n_ctx_train)
+    slot = -(-max(u.span for u in sizes.units) // planner.HUGE) * planner.HUGE
+    act = planner.activation_bytes(sizes, min(n_batch, planner.MIN_BATCH))
+    return base + kv + sizes.small_bytes + planner.SLACK + slot + act
+
+
 def make_plan(cfg: ModelConfig, f: GGUFFile, weights, budgets=None, n_ctx: int = 4096,
-              n_batch: int = 512, names=None, cache_type: str = "f16") -> Plan:
+              n_batch: int = 512, names=None, cache_type: str = "f16", baselines=None) -> Plan:
     """The shard plan for nodes with share `weights` (node 0 = the coordinator) and memory
-    `budgets` (bytes, None = unlimited): shares are capped so that each node's weights and KV cache
-    fit its budget (water-filling), or ClusterError if the nodes together cannot hold the model."""
+    `budgets` (bytes, None = unlimited). A node whose shard does not fit its budget streams it
+    through offload's sliding window, so a budget only has to hold the node's resident minimum
+    (`node_minimum`: process, KV cache, one layer's buffer); shares are capped until every node's
+    minimum fits (water-filling), or ClusterError names each node's need and budget.
+    `baselines`: each node's measured process memory (None: offload.planner's default)."""
     N = len(weights)
     names = names or [f"node {i}" for i in range(N)]
     if N > cfg.n_head:
@@ -265,23 +316,47 @@ def make_plan(cfg: ModelConfig, f: GGUFFile, weights, budgets=None, n_ctx: int =
     if w.shape != (N,) or not np.all(w > 0):
         raise ClusterError(f"split weights must be {N} positive numbers, not {list(weights)}")
     budgets = [b if b else None for b in (budgets or [None] * N)]
-    caps = np.full(N, np.inf)  # the largest share of the weight bytes each node can take
+    baselines = list(baselines or [None] * N)
+    caps = np.full(N, np.inf)  # the largest share of the weights each node can take
     plan = None
-    for _ in range(12):
+    for _ in range(16):
         shares = _waterfill(w, caps)
         if shares is None:
             break
         plan = _plan(cfg, f, shares)
-        need = [node_bytes(cfg, f, plan, r, n_ctx, n_batch, cache_type) for r in range(N)]
+        need = [node_minimum(cfg, f, plan, r, n_ctx, n_batch, cache_type, baselines[r]) for r in range(N)]
         over = [r for r in range(N) if budgets[r] is not None and need[r] > budgets[r]]
         if not over:
             return plan
-        total = sum(weight_bytes(cfg, f, s, r) for r, s in enumerate(plan.nodes))
-        for r in over:
-            s = plan.nodes[r]
-            room = budgets[r] - kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch, cache_type)
-            caps[r] = min(caps[r], shares[r] * 0.98, max(room, 0) / total)
-    raise ClusterError(_budget_message(cfg, f, plan or _plan(cfg, f, w), budgets, names, n_ctx, n_batch, cache_type))
+        for r in over:  # the minimum grows with the share (KV heads, layer buffer): shrink it
+            caps[r] = min(caps[r], shares[r] * max(0.5, min(0.9, budgets[r] / need[r])))
+    raise ClusterError(_budget_message(cfg, f, plan or _plan(cfg, f, w), budgets, names, n_ctx, n_batch, cache_type,
+                                       baselines))
+
+
+def choose_nodes(rates, rtts, n_reduce: int, model_bytes: int) -> tuple[list[int], list[str]]:
+    """Speed-weighted membership (`--split auto`): node 0 (the coordinator) and the others,
+    fastest first, as long as each makes the estimated token time shorter.
+
+    A token's time with node set S is about model_bytes / sum(rate) (shares proportional to the
+    rates, so every node finishes its share together) plus n_reduce all-reduces, each waiting for
+    the slowest link's round trip. `rates`: weight bytes per second each node's kernels measured;
+    `rtts`: each node's round trip in seconds (0 for the coordinator). Returns (the nodes kept, a
+    reason for each node left out)."""
+    keep, why = [0], []
+    order = sorted(range(1, len(rates)), key=lambda i: -rates[i])
+
+    def t(members):
+        return model_bytes / sum(rates[i] for i in members) + n_reduce * max(rtts[i] for i in members)
+
+    for i in order:
+        before, after = t(keep), t(keep + [i])
+        if after < before:
+            keep.append(i)
+        else:
+            why.append((i, f"too slow to help: at {rates[i] / 1e9:.2f} GB/s of weights and a {rtts[i] * 1e3:.2f} ms "
+                           f"round trip it would make a token {(after - before) * 1e3:.1f} ms slower, not faster"))
+    return sorted(keep), why
 
 
 def _waterfill(w: np.ndarray, caps: np.ndarray) -> np.ndarray | None:
@@ -301,9 +376,12 @@ def _waterfill(w: np.ndarray, caps: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _budget_message(cfg, f, plan, budgets, names, n_ctx, n_batch, cache_type) -> str:
+def _budget_message(cfg, f, plan, budgets, names, n_ctx, n_batch, cache_type, baselines) -> str:
     parts = []
     for r, b in enumerate(budgets):
-        need = node_bytes(cfg, f, plan, r, n_ctx, n_batch, cache_type)
-        parts.append(f"{names[r]}: needs {need / 1e6:,.0f} MB, budget {'unlimited' if b is None else f'{b / 1e6:,.0f} MB'}")
-    return "the nodes cannot hold the model within their memory budgets (" + "; ".join(parts) + ")"
+        need = node_minimum(cfg, f, plan, r, n_ctx, n_batch, cache_type, baselines[r])
+        short = f", {(need - b) / 1e6:,.0f} MB short" if b is not None and need > b else ""
+        parts.append(f"{names[r]}: needs at least {need / 1e6:,.0f} MB, budget "
+                     f"{'unlimited' if b is None else f'{b / 1e6:,.0f} MB'}{short}")
+    return ("the nodes cannot hold the model within their memory budgets, even streaming their shards ("
+            + "; ".join(parts) + "); add nodes, raise budgets or lower --ctx")

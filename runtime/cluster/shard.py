@@ -4,18 +4,29 @@ Row slices are views of the mapped file (like the resident store); column slices
 pread into their own arrays, so the other nodes' columns are never mapped into this process.
 A column slice that was widened to whole quant blocks (plan.py) multiplies a zero-padded input.
 Packed weights live in `cache`, keyed by (name, slice): a re-planned node keeps what did not change.
+
+A node whose budget cannot hold its shard streams it (TPI-LLM's setting): `write_shard_file` lays
+its slices out as a GGUF of their own, each layer contiguous (column slices as whole-block
+matrices), and offload's StreamingWeights reads that file through its sliding window under the
+node's budget. `StreamedShard` puts the zero padding of widened column slices back and serves
+the token embedding from the model file itself.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ...loaders.gguf import GGUFFile, TensorInfo
+from ...loaders.gguf import GGUFFile, TensorInfo, ValueType
+from ...loaders.gguf_write import OutTensor, write_gguf
+from ...loaders.store import home
 from ...quant.formats import dequantize
 from ..config import ModelConfig
-from .plan import NodeShard, Slice, node_tensors, slice_bytes
+from .plan import NodeShard, Slice, node_tensors, output_name, slice_bytes
 
 F32 = np.float32
 
@@ -125,3 +136,154 @@ class ShardedWeights:
     def weight_bytes(self) -> int:
         """Bytes of this node's slices as stored in the file (what it holds, before packing)."""
         return sum(slice_bytes(self.f.info(n), sl) for n, sl in self.slices.items())
+
+
+# ---- streaming a shard under a memory budget -------------------------------------------------------
+
+def _slice_type_shape(t: TensorInfo, sl: Slice) -> tuple[int, ...]:
+    if len(t.shape) == 1:
+        return (sum(b - a for a, b in sl.ranges),)
+    if sl.axis == 0:
+        return (t.shape[0], sum(b - a for a, b in sl.ranges))
+    (b0, b1), = sl.ranges
+    return ((b1 - b0) * t.type.block_size, t.n_rows)
+
+
+def _vector_bytes(f: GGUFFile, name: str, sl: Slice) -> np.ndarray:
+    t = f.info(name)
+    per = t.nbytes // t.shape[0]  # bytes per element of a 1-D tensor (F32, F16)
+    raw = np.asarray(f.raw(name)).view(np.uint8).reshape(-1)
+    return np.concatenate([raw[a * per:b * per] for a, b in sl.ranges])
+
+
+def write_shard_file(f: GGUFFile, slices: dict[str, Slice], digest: str, progress: Callable[[], None] | None = None) -> Path:
+    """The node's slices as a GGUF of their own in $EDGELLM_HOME/cluster/shards (kept for the next
+    run with the same shard; other shards of the model are removed): layers in order, each
+    contiguous, then the rest. Nothing is written when the file is there already."""
+    key = hashlib.sha256(repr(sorted(slices.items())).encode()).hexdigest()[:16]
+    d = home() / "cluster" / "shards"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{digest[:16]}-{key}.gguf"
+    if path.exists():
+        return path
+    for old in d.glob(f"{digest[:16]}-*.gguf"):
+        old.unlink(missing_ok=True)
+
+    def layer(n):
+        return int(n.split(".")[1]) if n.startswith("blk.") else 1 << 30
+
+    names = sorted(slices, key=lambda n: (layer(n), list(f.tensors).index(n)))
+    out = []
+    for n in names:
+        t, sl = f.info(n), slices[n]
+
+        def make(n=n, sl=sl, t=t):
+            if progress:
+                progress()
+            return _vector_bytes(f, n, sl) if len(t.shape) == 1 else slice_raw(f, n, sl)
+        out.append(OutTensor(n, _slice_type_shape(t, sl), t.type, make))
+    meta = {"general.architecture": f.metadata.get("general.architecture", ""),
+            "general.name": f"edgellm shard of {digest[:16]}"}
+    write_gguf(path, meta, {k: ValueType.STRING for k in meta}, out)
+    return path
+
+
+class StreamedShard:
+    """has/linear/vector/table over a streaming store of a shard file (offload.StreamingWeights):
+    widened column slices get their zero padding back; the token embedding (the coordinator's
+    lookups) is read from the model file a few rows at a time."""
+
+    def __init__(self, store, f: GGUFFile, slices: dict[str, Slice]):
+        from ...offload.stream import RowTable
+
+        self.store, self.slices = store, slices
+        self.plan = store.plan
+        self._pads: dict[str, tuple[int, int, np.ndarray]] = {}
+        for n, sl in slices.items():
+            if sl.axis == 1 and sl.pad != (0, 0):
+                t = f.info(n)
+                (b0, b1), = sl.ranges
+                width = (b1 - b0) * t.type.block_size
+                self._pads[n] = (sl.pad[0], width - sum(sl.pad), np.zeros((1, width), F32))
+        self._fd = os.open(f.path, os.O_RDONLY)
+        t = f.info("token_embd.weight")
+        self._table = RowTable(self._fd, t.offset, t.n_rows, t.row_bytes), t.type
+
+    def has(self, name: str) -> bool:
+        return name in self.slices
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.store.vector(name)
+
+    def table(self, name: str):
+        return self._table
+
+    def linear(self, name: str) -> Callable:
+        fn = self.store.linear(name)
+        pad = self._pads.get(name)
+        if pad is None:
+            return fn
+        before, k, one = pad
+
+        def call(x: np.ndarray) -> np.ndarray:
+            buf = one if x.shape[0] == 1 else np.zeros((x.shape[0], one.shape[1]), F32)
+            buf[:, before:before + k] = x
+            return fn(buf)
+        return call
+
+    def load_all(self, progress=None) -> None:
+        self.store.load_all()
+
+    @property
+    def telemetry(self) -> dict:
+        return self.store.telemetry
+
+    def close(self) -> None:
+        self.store.close()
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def stream_shard(f: GGUFFile, cfg: ModelConfig, shard: NodeShard, rank: int, make_linear, digest: str, rcfg,
+                 budget: int, progress: Callable[[], None] | None = None) -> StreamedShard:
+    """A node's shard streamed from its shard file under `budget` (BudgetError if it cannot fit)."""
+    from ... import offload
+    from ...kernels_cpu.qmatmul import tile_rows
+    from ...offload.stream import StreamingWeights
+    from .plan import local_config
+
+    slices = node_tensors(cfg, f, shard, rank)
+    sf = GGUFFile(write_shard_file(f, slices, digest, progress))
+    plan, units = offload.plan_for(sf, local_config(cfg, shard), rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
+                                   row_align=tile_rows, cache_type=rcfg.cache_type)
+    return StreamedShard(StreamingWeights(sf, plan, units, make_linear), f, slices)
+
+
+def resident_bytes(cfg: ModelConfig, f: GGUFFile, shard: NodeShard, rank: int, n_ctx: int, n_batch: int,
+                   cache_type: str) -> int:
+    """What the node's process holds with its whole shard resident (offload.full_memory, measured baseline)."""
+    from ...offload.planner import full_memory, measure_baseline
+    from .plan import node_sizes
+
+    return full_memory(node_sizes(cfg, f, shard, rank, cache_type), n_ctx, n_batch, measure_baseline())
+
+
+def matvec_rate(make_linear, seconds: float = 0.3) -> float:
+    """Weight bytes per second this node's kernels multiply one token by (a Q4_K matrix of 16 MB,
+    beyond the caches: the memory-bound rate decoding runs at), the best of repeated runs."""
+    from ...quant.ggml_types import GGMLType
+
+    t, k = GGMLType.Q4_K, 1536
+    rows = np.zeros(((16 << 20) // t.row_bytes(k), t.row_bytes(k)), np.uint8)
+    fn = make_linear(rows, t, k)
+    x = np.ones((1, k), F32)
+    fn(x)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t0)
+        if t0 > end:
+            return rows.nbytes / best

@@ -1,30 +1,27 @@
-"""The cluster's transport: keys, mutual authentication, and framed, MACed messages over TCP.
+"""The cluster's transport: TLS 1.3 connections (keys.py) carrying framed messages over TCP.
 
-Handshake (coordinator C connects to worker W; K = the pre-shared key, b"" without one):
-    C -> W  HELLO  "EGLM" | u16 version | u16 role=1 | nonce_c (32)                      40 bytes
-    W -> C  REPLY  "EGLM" | u16 version | u16 role=2 | nonce_w (32) | mac_w (32)        72 bytes
-    C -> W  PROOF  mac_c (32)
-with t = HELLO || REPLY[:40], mac_w = HMAC(K, "edgellm worker" || t), mac_c = HMAC(K, "edgellm
-coordinator" || t). Each side checks the other's MAC (constant time) before anything else is read;
-the labels differ, so a proof cannot be reflected. Session keys: k_cw = HMAC(K, "c->w" || t),
-k_wc = HMAC(K, "w->c" || t): fresh per connection, so frames replayed from another session fail.
+Connection (coordinator C connects to worker W):
+    TLS 1.3 handshake, both certificates checked against the other side's allow-list (keys.py)
+    C -> W  HELLO  "EGLM" | u16 version | u16 role=1
+    W -> C  HELLO  "EGLM" | u16 version | u16 role=2        (PINGS times: the least is `Channel.rtt`)
+The coordinator sends nothing else before the worker's HELLO: a worker that refused its key in
+the handshake has said so by then, so no message leaves for a node that does not accept us. The
+repeated hellos time the application-level round trip (the link and both processes' wake-ups,
+as an all-reduce sees it) for the speed-weighted split.
 
-Frames after the handshake (both directions):
-    u8 type | u8 0 | u16 0 | u32 payload length | u64 sequence || payload || HMAC-SHA256(32)
-The MAC covers header and payload under the direction's session key; the sequence number must be
-exactly the next one expected (replay, reordering and deletion fail). Lengths above the channel's
-current limit are refused before anything is allocated. Payloads are fixed little-endian structs
-and float32/int64 arrays read with numpy.frombuffer at shapes the receiver already knows: nothing
-received is unpickled or evaluated. Integrity and authentication only: payloads travel unencrypted.
+Frames after the hellos (both directions, inside TLS records: encrypted and authenticated there,
+in order, never replayed):
+    u8 type | u8 0 | u16 0 | u32 payload length || payload
+Lengths above the channel's current limit are refused before anything is allocated. Payloads are
+fixed little-endian structs and float32/int64 arrays read with numpy.frombuffer at shapes the
+receiver already knows: nothing received is unpickled or evaluated.
 """
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
-import os
-import secrets
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -34,12 +31,12 @@ import numpy as np
 from ...errors import EdgeLLMError
 from .messages import ERROR, NAMES
 
-VERSION = 2  # 2: OPEN carries the KV cache type
+VERSION = 3  # 2: OPEN carries the KV cache type; 3: TLS, INFO carries speed and free memory
 MAGIC = b"EGLM"
-HELLO = struct.Struct("<4sHH32s")  # magic, version, role, nonce
+HELLO = struct.Struct("<4sHH")  # magic, version, role
+PINGS = 3  # hello round trips per handshake
 ROLE_COORDINATOR, ROLE_WORKER = 1, 2
-HEADER = struct.Struct("<BBHIQ")  # type, 0, 0, payload length, sequence
-MAC_BYTES = 32
+HEADER = struct.Struct("<BBHI")  # type, 0, 0, payload length
 DEFAULT_PORT = 7370
 CONTROL_LIMIT = 1 << 20  # payload limit before a plan fixes the session's shapes
 HARD_LIMIT = 64 << 20  # no frame is ever larger
@@ -50,43 +47,14 @@ class ClusterError(EdgeLLMError):
 
 
 class ProtocolError(ClusterError):
-    """A peer broke the protocol: bad magic, MAC, sequence, type or length; or it timed out."""
+    """A peer broke the protocol (bad magic, type or length, a failed TLS handshake) or timed out."""
 
 
 class PeerGone(ProtocolError):
     """The peer closed the connection or stopped answering within the deadline."""
 
 
-# ---- keys and addresses -------------------------------------------------------------------------
-
-def keygen(path: str | os.PathLike, force: bool = False) -> Path:
-    """Write a new 256-bit key as hex to `path` (mode 0600); refuses to overwrite unless `force`."""
-    p = Path(path).expanduser()
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(p, flags, 0o600)
-    except FileExistsError:
-        raise ClusterError(f"{p} exists; remove it first (or pass --force) to make a new key") from None
-    except OSError as e:
-        raise ClusterError(f"cannot write {p}: {e.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return p
-
-
-def load_key(path: str | os.PathLike | None) -> bytes:
-    """The key in `path` (64 hex digits), or b"" for None (no key: loopback only)."""
-    if path is None:
-        return b""
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="ascii", errors="replace").strip()
-    except OSError as e:
-        raise ClusterError(f"cannot read key file {p}: {e.strerror}") from None
-    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise ClusterError(f"key file {p} must hold 64 hex digits (make one with `edgellm keygen {p}`)")
-    return bytes.fromhex(text)
-
+# ---- addresses ----------------------------------------------------------------------------------
 
 def parse_address(s: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """'HOST:PORT', ':PORT', 'HOST' or '[v6]:PORT' -> (host, port)."""
@@ -150,45 +118,77 @@ def read_exact(sock: socket.socket, mv: memoryview, deadline: float | None, what
 
 # ---- the handshake ------------------------------------------------------------------------------
 
-def _mac(key: bytes, label: bytes, t: bytes) -> bytes:
-    return hmac.digest(key, label + t, "sha256")
+def _tls_error(e: Exception, side: str) -> ProtocolError:
+    """A TLS failure as one line: whose key was refused, or what else went wrong."""
+    text = str(getattr(e, "verify_message", "") or getattr(e, "reason", "") or e)
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return ProtocolError(f"authentication failed: the {side}'s key is not on this node's allow-list ({text})")
+    if isinstance(e, ssl.SSLError) and any(w in text.lower() for w in ("unknown_ca", "unknown ca", "certificate",
+                                                                       "bad_certificate", "access_denied")):
+        return ProtocolError(f"authentication failed: the {side} refused this node's key (it is not on its "
+                             f"allow-list, or it needs one) ({text})")
+    return ProtocolError(f"TLS handshake with the {side} failed: {text}")
 
 
-def handshake_coordinator(sock: socket.socket, key: bytes, timeout: float) -> "Channel":
-    deadline = time.monotonic() + timeout
-    hello = HELLO.pack(MAGIC, VERSION, ROLE_COORDINATOR, secrets.token_bytes(32))
-    _send_raw(sock, hello, deadline)
-    reply = bytearray(HELLO.size + MAC_BYTES)
-    read_exact(sock, memoryview(reply), deadline, "handshake reply")
-    magic, version, role, _ = HELLO.unpack_from(reply)
-    if magic != MAGIC or role != ROLE_WORKER:
-        raise ProtocolError("the peer is not an edgellm worker")
+def _hello_of(data: bytes, role: int, side: str) -> None:
+    magic, version, got = HELLO.unpack(data)
+    if magic != MAGIC or got != role:
+        raise ProtocolError(f"the peer is not an edgellm {side}")
     if version != VERSION:
-        raise ProtocolError(f"protocol version mismatch: this coordinator speaks {VERSION}, the worker {version}")
-    t = hello + bytes(reply[:HELLO.size])
-    if not hmac.compare_digest(bytes(reply[HELLO.size:]), _mac(key, b"edgellm worker", t)):
-        raise ProtocolError("authentication failed: the worker does not hold this key (or needs one)")
-    _send_raw(sock, _mac(key, b"edgellm coordinator", t), deadline)
-    return Channel(sock, _mac(key, b"c->w", t), _mac(key, b"w->c", t))
+        raise ProtocolError(f"protocol version mismatch: this node speaks {VERSION}, the {side} {version}")
 
 
-def handshake_worker(sock: socket.socket, key: bytes, timeout: float) -> "Channel":
+def handshake_coordinator(sock: socket.socket, identity, timeout: float) -> "Channel":
+    """TLS as the client, then the hellos; `identity` is a keys.Identity. Closes `sock` on failure."""
     deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    try:
+        tls = identity.context(server=False).wrap_socket(sock)
+    except (ssl.SSLError, ssl.CertificateError) as e:
+        sock.close()
+        raise _tls_error(e, "worker") from None
+    except (socket.timeout, OSError) as e:
+        sock.close()
+        raise PeerGone(f"connection lost during the TLS handshake: {e}") from None
+    rtt = float("inf")
+    try:
+        for _ in range(PINGS):
+            t0 = time.perf_counter()
+            _send_raw(tls, HELLO.pack(MAGIC, VERSION, ROLE_COORDINATOR), deadline)
+            reply = bytearray(HELLO.size)
+            read_exact(tls, memoryview(reply), deadline, "the worker's hello")
+            rtt = min(rtt, time.perf_counter() - t0)
+            _hello_of(bytes(reply), ROLE_WORKER, "worker")
+    except PeerGone as e:
+        tls.close()
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ssl.SSLError):
+            raise _tls_error(cause, "worker") from None
+        raise PeerGone(f"{e} (a worker that refuses this node's key closes the connection here)") from None
+    except ProtocolError:
+        tls.close()
+        raise
+    ch = Channel(tls)
+    ch.rtt = rtt
+    return ch
+
+
+def handshake_worker(sock: socket.socket, identity, timeout: float) -> "Channel":
+    """TLS as the server (the coordinator's certificate checked there), then the hellos."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    try:
+        tls = identity.context(server=True).wrap_socket(sock, server_side=True)
+    except (ssl.SSLError, ssl.CertificateError) as e:
+        raise _tls_error(e, "coordinator") from None
+    except (socket.timeout, OSError) as e:
+        raise PeerGone(f"no TLS handshake within the timeout: {e}") from None
     hello = bytearray(HELLO.size)
-    read_exact(sock, memoryview(hello), deadline, "handshake hello")
-    magic, version, role, _ = HELLO.unpack_from(hello)
-    if magic != MAGIC or role != ROLE_COORDINATOR:
-        raise ProtocolError("not an edgellm coordinator hello")
-    mine = HELLO.pack(MAGIC, VERSION, ROLE_WORKER, secrets.token_bytes(32))
-    t = bytes(hello) + mine
-    _send_raw(sock, mine + _mac(key, b"edgellm worker", t), deadline)
-    if version != VERSION:
-        raise ProtocolError(f"protocol version mismatch: this worker speaks {VERSION}, the coordinator {version}")
-    proof = bytearray(MAC_BYTES)
-    read_exact(sock, memoryview(proof), deadline, "handshake proof")
-    if not hmac.compare_digest(bytes(proof), _mac(key, b"edgellm coordinator", t)):
-        raise ProtocolError("authentication failed: wrong key")
-    return Channel(sock, _mac(key, b"w->c", t), _mac(key, b"c->w", t))
+    for _ in range(PINGS):
+        read_exact(tls, memoryview(hello), deadline, "the coordinator's hello")
+        _hello_of(bytes(hello), ROLE_COORDINATOR, "coordinator")
+        _send_raw(tls, HELLO.pack(MAGIC, VERSION, ROLE_WORKER), deadline)
+    return Channel(tls)
 
 
 def _send_raw(sock: socket.socket, data: bytes, deadline: float) -> None:
@@ -202,27 +202,26 @@ def _send_raw(sock: socket.socket, data: bytes, deadline: float) -> None:
 # ---- frames -------------------------------------------------------------------------------------
 
 class Channel:
-    """One authenticated connection: `send(type, *parts)` and `recv(deadline) -> (type, payload)`.
+    """One TLS connection: `send(type, *parts)` and `recv(deadline) -> (type, payload)`.
 
     Frames are built in and read into buffers allocated once per limit (`set_limit`), so the hot
-    path (STEP/PARTIAL/SUM/LOGITS) allocates nothing but the 32-byte MAC digests. A payload returned
-    by `recv` is a view of the receive buffer, valid until the next `recv`."""
+    path (STEP/PARTIAL/SUM/LOGITS) allocates nothing. A payload returned by `recv` is a view of the
+    receive buffer, valid until the next `recv`."""
 
-    def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes):
+    def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.send_key, self.recv_key = send_key, recv_key
-        self.send_seq = self.recv_seq = 0
         self.limit = 0
         self.set_limit(CONTROL_LIMIT)
         self.sent_bytes = self.recv_bytes = 0
+        self.rtt = 0.0  # seconds: the least hello round trip (coordinator side)
 
     def set_limit(self, limit: int) -> None:
         """Accept and send payloads up to `limit` bytes (buffers grow; never above HARD_LIMIT)."""
         limit = min(int(limit), HARD_LIMIT)
         if limit > self.limit:
             self.limit = limit
-            self.out = bytearray(HEADER.size + limit + MAC_BYTES)
-            self.inb = bytearray(HEADER.size + limit + MAC_BYTES)
+            self.out = bytearray(HEADER.size + limit)
+            self.inb = bytearray(HEADER.size + limit)
             self.out_mv, self.in_mv = memoryview(self.out), memoryview(self.inb)
 
     def send(self, mtype: int, *parts, timeout: float | None = None) -> None:
@@ -236,10 +235,7 @@ class Channel:
                 raise ProtocolError(f"{NAMES.get(mtype, mtype)} payload exceeds the {self.limit:,}-byte limit")
             mv[off:off + n] = b
             off += n
-        HEADER.pack_into(self.out, 0, mtype, 0, 0, off - HEADER.size, self.send_seq)
-        mv[off:off + MAC_BYTES] = hmac.digest(self.send_key, mv[:off], "sha256")
-        off += MAC_BYTES
-        self.send_seq += 1
+        HEADER.pack_into(self.out, 0, mtype, 0, 0, off - HEADER.size)
         self.sock.settimeout(timeout)
         try:
             self.sock.sendall(mv[:off])
@@ -252,21 +248,14 @@ class Channel:
     def recv(self, deadline: float | None, expect: tuple[int, ...] | None = None) -> tuple[int, memoryview]:
         hdr = self.in_mv[:HEADER.size]
         read_exact(self.sock, hdr, deadline, "a message")
-        mtype, z1, z2, n, seq = HEADER.unpack_from(self.inb)
+        mtype, z1, z2, n = HEADER.unpack_from(self.inb)
         if z1 or z2 or mtype not in NAMES:
             raise ProtocolError("malformed frame header")
         if n > self.limit:
             raise ProtocolError(f"frame of {n:,} bytes exceeds the {self.limit:,}-byte limit")
-        body = self.in_mv[HEADER.size:HEADER.size + n + MAC_BYTES]
-        read_exact(self.sock, body, deadline, NAMES[mtype])
         end = HEADER.size + n
-        if not hmac.compare_digest(self.in_mv[end:end + MAC_BYTES],
-                                   hmac.digest(self.recv_key, self.in_mv[:end], "sha256")):
-            raise ProtocolError("message authentication failed")
-        if seq != self.recv_seq:
-            raise ProtocolError(f"sequence number {seq}, expected {self.recv_seq} (replayed or lost frame)")
-        self.recv_seq += 1
-        self.recv_bytes += end + MAC_BYTES
+        read_exact(self.sock, self.in_mv[HEADER.size:end], deadline, NAMES[mtype])
+        self.recv_bytes += end
         payload = self.in_mv[HEADER.size:end]
         if mtype == ERROR:
             raise ClusterError(bytes(payload[:1024]).decode("utf-8", "replace"))

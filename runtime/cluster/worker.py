@@ -6,10 +6,14 @@ runs at a time; another authenticated coordinator waits BUSY_WAIT seconds for it
 does at once when a re-planning coordinator closes its old connections), then is told "busy".
 A coordinator that vanishes without closing is noticed by TCP keepalive (~20 s).
 
-A session: OPEN (model hash, sizes) -> INFO (has the file? memory budget) -> [PIECE: GGUF header,
+A session: OPEN (model hash, sizes) -> INFO (has the file? memory, speed) -> [PIECE: GGUF header,
 when there is no local copy] -> PLAN (this node's shard; its hash is checked) -> NEED (the pieces a
 replica lacks) -> PIECE... -> PROGRESS while packing -> READY; then per forward pass STEP (the
 embedded tokens) -> per layer PARTIAL/SUM twice -> LOGITS (this node's vocabulary rows).
+
+Memory: with --memory-budget, a shard that fits (process, weights, KV cache, activations) stays
+resident; one that does not streams from a shard file through offload's sliding window, in
+batches the budget allows (READY tells the coordinator the largest).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 import numpy as np
 
 from ...errors import EdgeLLMError
+from ...offload.planner import BudgetError, measure_baseline, memory_limit
 from ...loaders.gguf import GGUFFile
 from ...quant.ggml_types import KV_CACHE_TYPES
 from ..config import RuntimeConfig
@@ -28,10 +33,12 @@ from ..engine import select_kernels
 from ..model import model_class
 from . import wire
 from .messages import (BYE, ERROR, INFO, INFO_S, LOGIT_CHUNK, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK,
-                       PIECE_S, PLAN, PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STEP, STEP_S, SUM, step_limit)
-from .plan import FIELDS, Plan, kv_map, local_config, node_bytes, node_tensors
+                       PIECE_S, PLAN, PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STATS, STATS_S, STEP, STEP_S, SUM,
+                       step_limit)
+from .keys import Identity
+from .plan import FIELDS, Plan, kv_map, local_config, node_tensors, weight_bytes
 from .replica import Replica, find_local, piece_bytes, pieces_of, subtract
-from .shard import ShardedWeights
+from .shard import ShardedWeights, matvec_rate, resident_bytes, stream_shard
 from .wire import ClusterError, ProtocolError, array
 
 log = logging.getLogger("edgellm.cluster")
@@ -42,13 +49,15 @@ BUSY_WAIT = 3.0  # seconds a second coordinator waits for the session in progres
 
 
 class Worker:
-    def __init__(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT, key: bytes = b"",
+    def __init__(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT, identity: Identity | None = None,
                  memory_budget: int | None = None, threads: int | None = None):
-        if not key and not wire.is_loopback(host):
+        identity = identity or Identity(None)
+        if not identity.secured and not wire.is_loopback(host):
             raise ClusterError(f"listening on {host} (not loopback) needs a key: make one with "
                                "`edgellm keygen FILE` and pass --key FILE here and on the coordinator")
-        self.key, self.budget = key, memory_budget
+        self.identity, self.budget = identity, memory_budget
         self.threads = threads or RuntimeConfig().max_threads
+        self.rate = matvec_rate(select_kernels(None, self.threads).make_linear)  # reported at every handshake
         try:
             self.sock = socket.create_server((host, port), backlog=64)
         except OSError as e:
@@ -87,8 +96,8 @@ class Worker:
         who = f"{addr[0]}:{addr[1]}"
         try:
             wire.tune(conn)
-            ch = wire.handshake_worker(conn, self.key, HANDSHAKE_TIMEOUT)
-        except (ProtocolError, OSError) as e:
+            ch = wire.handshake_worker(conn, self.identity, HANDSHAKE_TIMEOUT)
+        except (ClusterError, OSError) as e:
             log.warning("rejected %s: %s", who, e)
             conn.close()
             return
@@ -156,7 +165,8 @@ class Session:
         self.timeout = timeout_ms / 1000
         hexd = digest.hex()
         f, has = self._model_file(hexd, size)
-        ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads), timeout=self.timeout)
+        ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads, measure_baseline(), memory_limit(),
+                                  self.w.rate), timeout=self.timeout)
         replica = Replica(hexd)
         ch.set_limit(PIECE_S.size + PIECE_CHUNK)
         if has == 0:
@@ -175,10 +185,6 @@ class Session:
         V = f.info("output.weight" if "output.weight" in f.tensors else "token_embd.weight").n_rows
         if not (0 <= s.h0 < s.h1 <= cfg.n_head and 0 <= s.f0 < s.f1 <= cfg.n_ff and 0 <= s.v0 < s.v1 <= V):
             raise ProtocolError("the plan's ranges do not fit the model")
-        need = node_bytes(cfg, f, plan, rank, n_ctx, n_batch, self.cache_type)
-        if self.w.budget and need > self.w.budget:
-            raise ClusterError(f"this node's shard needs {need:,} bytes but its memory budget is {self.w.budget:,}")
-
         slices = node_tensors(cfg, f, s, rank)
         missing = subtract(pieces_of(f, slices), replica.present()) if has != 1 else []
         names = list(f.tensors)
@@ -200,10 +206,7 @@ class Session:
         except EdgeLLMError:
             kern = select_kernels(None, w.threads)
         ops, make_linear = kern.ops, kern.make_linear
-        store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
         rcfg = RuntimeConfig(threads=w.threads, n_ctx=n_ctx, n_batch=n_batch, cache_type=self.cache_type)
-        self.model = cls(local_config(cfg, s), rcfg, store, ops)
-        self.model.reduce = self.reduce
         last = [time.monotonic()]
 
         def beat():
@@ -211,23 +214,48 @@ class Session:
                 ch.send(PROGRESS, timeout=self.timeout)
                 last[0] = time.monotonic()
 
+        held = weight_bytes(cfg, f, s, rank)
+        self.store = store = None
+        if w.budget and resident_bytes(cfg, f, s, rank, n_ctx, n_batch, self.cache_type) > w.budget:
+            w.cache.clear()  # packed resident slices of an earlier session would count against the budget
+            try:
+                store = stream_shard(f, cfg, s, rank, make_linear, hexd, rcfg, w.budget, beat)
+            except BudgetError as e:
+                raise ClusterError(f"its shard does not fit its memory budget even streamed: {e}") from None
+            n_batch = store.plan.n_batch
+            log.info("streaming the shard:\n%s", store.plan.describe())
+        else:
+            store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
+        self.store = store
+        self.model = cls(local_config(cfg, s), rcfg, store, ops)
+        self.model.reduce = self.reduce
         store.load_all(beat)
-        ch.send(READY, READY_S.pack(sent, store.weight_bytes), timeout=self.timeout)
-        log.info("node %d/%d for %s: heads [%d, %d) (KV %s), FFN [%d, %d), vocabulary [%d, %d), %.1f MB of weights",
+        streamed = store.plan.stream_bytes if hasattr(store, "plan") else 0
+        ch.send(READY, READY_S.pack(sent, held, n_batch, streamed), timeout=self.timeout)
+        log.info("node %d/%d for %s: heads [%d, %d) (KV %s), FFN [%d, %d), vocabulary [%d, %d), %.1f MB of weights%s",
                  rank, n, self.who, s.h0, s.h1, list(kv_map(cfg, s.h0, s.h1)), s.f0, s.f1, s.v0, s.v1,
-                 store.weight_bytes / 1e6)
+                 held / 1e6, f", {streamed / 1e6:.1f} MB streamed per pass" if streamed else "")
         self.E, self.V = cfg.n_embd, s.v1 - s.v0
         ch.set_limit(step_limit(n_batch, self.E, self.V))
         self.xbuf = np.empty((n_batch, self.E), np.float32)  # (n_batch, n_embd): the step's input
         self.n_ctx, self.n_batch = self.model.n_ctx, n_batch
-        self.serve_steps()
+        try:
+            self.serve_steps()
+        finally:
+            if hasattr(store, "close"):
+                store.close()
 
     def serve_steps(self) -> None:
         ch, m = self.ch, self.model
         while True:
-            t, p = ch.recv(None, (STEP, BYE))
+            t, p = ch.recv(None, (STEP, STATS, BYE))
             if t == BYE:
                 return
+            if t == STATS:
+                tel = getattr(self.store, "telemetry", {})
+                ch.send(STATS, STATS_S.pack(_rss("VmHWM"), _rss("VmRSS"), int(tel.get("bytes_read", 0)),
+                                            float(tel.get("io_wait_s", 0.0))), timeout=self.timeout)
+                continue
             start, T, flags, z = wire.unpack(STEP_S, p)
             if z or not 1 <= T <= self.n_batch or flags > PROBE:
                 raise ProtocolError("STEP out of range")
@@ -303,6 +331,18 @@ class Session:
                 raise ProtocolError("unexpected weight piece")
             rep.write_piece(t, axis, lo, hi, got, data)
             got += len(data)
+
+
+def _rss(field: str) -> int:
+    """This process' peak (VmHWM) or current (VmRSS) resident bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def parse_size(text: str | None) -> int | None:
