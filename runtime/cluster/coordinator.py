@@ -58,7 +58,7 @@ class Peer:
         self.ch: wire.Channel | None = None
         self.has = self.budget = self.threads = self.weight_bytes = self.baseline = self.free = 0
         self.rate = self.rtt = 0.0
-        self.batch = self.streamed = 0
+        self.batch = self.streamed = self.setup_sent = 0
         self.shard = None
 
     def close(self) -> None:
@@ -271,6 +271,7 @@ class ClusterModel:
             if not 1 <= p.batch <= rc.n_batch:
                 raise NodeFailure(p, "reported an impossible batch size")
             batch = min(batch, p.batch)
+            p.setup_sent = p.ch.sent_bytes  # the model bytes it was sent (header, pieces), and the plan
             p.ch.set_limit(step_limit(rc.n_batch, cfg.n_embd, p.shard.v1 - p.shard.v0))
         local.reduce = self._allreduce
         self.local, self.plan, self.live, self.batch = local, plan, peers, batch
