@@ -13,6 +13,8 @@ Per configuration it reports:
 - floor ms: 2 x n_layer x RTT, RTT measured by a probe with one all-reduce;
 - weights MB per node (as stored in the file), and peak and final RSS MB per node (coordinator
   first; each process also holds ~120 MB of interpreter and libraries, and packing's transients).
+Every connection is TLS 1.3 (runtime/cluster/keys.py); without --key the workers use throw-away
+certificates on loopback, so the figures include the encryption.
 """
 from __future__ import annotations
 
@@ -94,7 +96,9 @@ def inner(args) -> None:
     from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
 
     nodes = tuple(a for a in args.inner.split(",") if a)
-    rc = RuntimeConfig(n_ctx=512, threads=args.threads, backend=args.backend, cluster=nodes, cluster_timeout=30.0)
+    split = (1.0,) * (len(nodes) + 1) if args.split == "equal" else ()
+    rc = RuntimeConfig(n_ctx=512, threads=args.threads, backend=args.backend, cluster=nodes, cluster_timeout=30.0,
+                       cluster_split=split if nodes else ())
     eng = Engine(resolve(args.model), rc)
     ids = eng.tokenizer.encode("Write a short story about a robot who learns to paint.")
     stamps = []
@@ -151,7 +155,7 @@ def run_config(args, n: int, delay: float) -> dict:
                 procs.append(r)
             addrs.append(addr)
         cmd = [sys.executable, __file__, "--inner", ",".join(addrs), "--model", args.model, "--tokens",
-               str(args.tokens), "--threads", str(args.threads)] + (["--backend", args.backend] if args.backend else [])
+               str(args.tokens), "--threads", str(args.threads), "--split", args.split] + (["--backend", args.backend] if args.backend else [])
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if r.returncode:
             raise RuntimeError(r.stderr[-3000:])
@@ -174,6 +178,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="threads per node")
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--split", default="equal", choices=["equal", "auto"],
+                    help="equal shares (comparable across runs) or auto (by the nodes' measured speeds)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--relay", default=None, help=argparse.SUPPRESS)

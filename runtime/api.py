@@ -45,7 +45,7 @@ def load(model: str | Path = DEFAULT_MODEL, *, progress=None, **settings) -> "LL
     """Load a catalog model (fetched on first use) or a GGUF file into an `LLM`.
 
     Settings are `RuntimeConfig`'s fields: `threads`, `ctx` (or `n_ctx`), `n_batch`, `backend`, `cluster`
-    (a list of "host:port" workers), `cluster_key`, ...; and `memory_budget` (bytes, or a size such as
+    (a list of "host:port" workers), `cluster_key`, `cluster_allow`, `cluster_split`, ...; and `memory_budget` (bytes, or a size such as
     "400M" or "1.5G": weights that do not fit stream from disk; without a `ctx` the context is the
     longest up to 4096 that fits, down to 256), `cache_type` ("f16", "q8_0", "q4_0"), `parallel` (N
     generations at once from any threads, batched token by token). Unknown or bad settings raise

@@ -83,7 +83,7 @@ class ClusterModel:
             raise ClusterError(f"--split has {len(split)} weights for {len(self.peers) + 1} nodes "
                                "(the coordinator first, then each --cluster node)")
         self.split = split  # empty: auto, by the nodes' measured speeds
-        self.rate = matvec_rate(make_linear) if not split else 0.0
+        self.rate = self._rate() if not split else 0.0
         self.slow: set[str] = set()  # addresses left out as too slow to help (not retried)
         self.batch = rcfg.n_batch  # tokens per cluster pass: the smallest any node's memory allows
         self._replay_from = None
@@ -280,6 +280,12 @@ class ClusterModel:
         log.info("cluster of %d nodes ready: %s", len(plan.nodes),
                  "; ".join(f"{n}: heads [{s.h0}, {s.h1}) FFN [{s.f0}, {s.f1}) vocab [{s.v0}, {s.v1})"
                            for n, s in zip(["coordinator"] + [p.name for p in peers], plan.nodes)))
+
+    def _rate(self) -> float:
+        """This node's matvec rate, measured with the default kernels as the workers measure theirs."""
+        from ..engine import select_kernels
+
+        return matvec_rate(select_kernels(None, self.rcfg.max_threads).make_linear)
 
     def _model_bytes(self) -> int:
         return sum(t.nbytes for t in self.f.tensors.values()

@@ -121,6 +121,8 @@ def read_exact(sock: socket.socket, mv: memoryview, deadline: float | None, what
 def _tls_error(e: Exception, side: str) -> ProtocolError:
     """A TLS failure as one line: whose key was refused, or what else went wrong."""
     text = str(getattr(e, "verify_message", "") or getattr(e, "reason", "") or e)
+    if "did_not_return_a_certificate" in text.lower() or "peer did not return a certificate" in text.lower():
+        return ProtocolError(f"authentication failed: the {side} presented no key (it needs --key)")
     if isinstance(e, ssl.SSLCertVerificationError):
         return ProtocolError(f"authentication failed: the {side}'s key is not on this node's allow-list ({text})")
     if isinstance(e, ssl.SSLError) and any(w in text.lower() for w in ("unknown_ca", "unknown ca", "certificate",

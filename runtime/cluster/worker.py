@@ -11,9 +11,10 @@ when there is no local copy] -> PLAN (this node's shard; its hash is checked) ->
 replica lacks) -> PIECE... -> PROGRESS while packing -> READY; then per forward pass STEP (the
 embedded tokens) -> per layer PARTIAL/SUM twice -> LOGITS (this node's vocabulary rows).
 
-Memory: with --memory-budget, a shard that fits (process, weights, KV cache, activations) stays
-resident; one that does not streams from a shard file through offload's sliding window, in
-batches the budget allows (READY tells the coordinator the largest).
+Memory: a shard that fits the node's --memory-budget (or, without one, the memory it has) with
+its process, KV cache and activations stays resident; one that does not streams from a shard
+file through offload's sliding window, in batches the budget allows (READY tells the coordinator
+the largest).
 """
 from __future__ import annotations
 
@@ -216,10 +217,11 @@ class Session:
 
         held = weight_bytes(cfg, f, s, rank)
         self.store = store = None
-        if w.budget and resident_bytes(cfg, f, s, rank, n_ctx, n_batch, self.cache_type) > w.budget:
+        budget = w.budget or memory_limit()  # without --memory-budget: what the machine (or cgroup) has
+        if resident_bytes(cfg, f, s, rank, n_ctx, n_batch, self.cache_type) > budget:
             w.cache.clear()  # packed resident slices of an earlier session would count against the budget
             try:
-                store = stream_shard(f, cfg, s, rank, make_linear, hexd, rcfg, w.budget, beat)
+                store = stream_shard(f, cfg, s, rank, make_linear, hexd, rcfg, budget, beat)
             except BudgetError as e:
                 raise ClusterError(f"its shard does not fit its memory budget even streamed: {e}") from None
             n_batch = store.plan.n_batch
