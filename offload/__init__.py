@@ -18,13 +18,14 @@ CTX_FLOOR = 256  # the shortest context auto-fit chooses
 
 
 def plan_for(f, cfg, n_ctx: int, n_batch: int, threads: int, budget: int, window: int | None = None,
-             row_align=None, cache_type: str = "f16"):
+             row_align=None, cache_type: str = "f16", baseline: int | None = None):
     """The plan for GGUFFile `f` (ModelConfig `cfg`) under `budget` bytes, and its units;
     `row_align(K)`: the kernels' tile height, where output-head chunks must start; `cache_type`:
-    the KV cache's element type."""
+    the KV cache's element type; `baseline`: the process's own memory (default: measured now)."""
     sizes = model_sizes(f, cfg, row_align, cache_type)
     n_ctx = min(n_ctx, cfg.n_ctx_train)
-    p = plan(budget, sizes, n_ctx, n_batch, baseline=measure_baseline(), threads=threads, window=window)
+    base = measure_baseline() if baseline is None else baseline
+    p = plan(budget, sizes, n_ctx, n_batch, baseline=base, threads=threads, window=window)
     return p, sizes.units
 
 

@@ -267,9 +267,11 @@ def full_memory(s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELIN
 
 # ---- the machine --------------------------------------------------------------------------------
 
-def measure_baseline() -> int:
+def measure_baseline(without_mapped_models: bool = False) -> int:
     """The process' share of the budget: its resident memory now (/proc/self/status VmRSS) plus
-    what the first forward pass adds (FIRST_PASS), at least BASELINE."""
+    what the first forward pass adds (FIRST_PASS), at least BASELINE. `without_mapped_models`:
+    leave out resident pages of mapped .gguf files (a cluster worker that wrote its shard file
+    from the mapped model holds hundreds of MB of them, clean and reclaimable)."""
     try:
         import numba  # noqa: F401  (measured with it loaded, as the kernels will load it)
     except ImportError:  # pragma: no cover - phones without numba
@@ -280,13 +282,11 @@ def measure_baseline() -> int:
         rss = int(re.search(r"VmRSS:\s+(\d+) kB", s).group(1)) * 1024
     except (OSError, AttributeError):
         return BASELINE
-    return max(BASELINE, rss - _mapped_model_bytes() + FIRST_PASS)
+    return max(BASELINE, rss - (_mapped_model_bytes() if without_mapped_models else 0) + FIRST_PASS)
 
 
 def _mapped_model_bytes() -> int:
-    """Resident bytes of mapped .gguf files: pages of the model file read through a mapping (a
-    worker that wrote its shard file, an earlier session), clean and reclaimable, and counted by
-    the plan as weights, not as the process."""
+    """Resident bytes of mapped .gguf files (/proc/self/smaps)."""
     total, mine = 0, False
     try:
         with open("/proc/self/smaps") as fh:

@@ -236,7 +236,7 @@ class ClusterModel:
             peers[:] = [peers[i - 1] for i in keep if i > 0]
             weights = [self.rate] + [p.rate for p in peers]
         budgets = [self.budget] + [p.budget or p.free or None for p in peers]
-        baselines = [measure_baseline()] + [p.baseline or None for p in peers]
+        baselines = [measure_baseline(without_mapped_models=True)] + [p.baseline or None for p in peers]
         plan = make_plan(cfg, f, weights, budgets, self.n_ctx, rc.n_batch,
                          names=["the coordinator"] + [p.name for p in peers], cache_type=rc.cache_type,
                          baselines=baselines)

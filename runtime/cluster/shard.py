@@ -251,13 +251,15 @@ def stream_shard(f: GGUFFile, cfg: ModelConfig, shard: NodeShard, rank: int, mak
     """A node's shard streamed from its shard file under `budget` (BudgetError if it cannot fit)."""
     from ... import offload
     from ...kernels_cpu.qmatmul import tile_rows
+    from ...offload.planner import measure_baseline
     from ...offload.stream import StreamingWeights
     from .plan import local_config
 
     slices = node_tensors(cfg, f, shard, rank)
     sf = GGUFFile(write_shard_file(f, slices, digest, progress))
     plan, units = offload.plan_for(sf, local_config(cfg, shard), rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
-                                   row_align=tile_rows, cache_type=rcfg.cache_type)
+                                   row_align=tile_rows, cache_type=rcfg.cache_type,
+                                   baseline=measure_baseline(without_mapped_models=True))
     return StreamedShard(StreamingWeights(sf, plan, units, make_linear), f, slices)
 
 
@@ -267,7 +269,8 @@ def resident_bytes(cfg: ModelConfig, f: GGUFFile, shard: NodeShard, rank: int, n
     from ...offload.planner import full_memory, measure_baseline
     from .plan import node_sizes
 
-    return full_memory(node_sizes(cfg, f, shard, rank, cache_type), n_ctx, n_batch, measure_baseline())
+    return full_memory(node_sizes(cfg, f, shard, rank, cache_type), n_ctx, n_batch,
+                       measure_baseline(without_mapped_models=True))
 
 
 def matvec_rate(make_linear, seconds: float = 0.3) -> float:

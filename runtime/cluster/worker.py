@@ -166,7 +166,8 @@ class Session:
         self.timeout = timeout_ms / 1000
         hexd = digest.hex()
         f, has = self._model_file(hexd, size)
-        ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads, measure_baseline(), memory_limit(),
+        ch.send(INFO, INFO_S.pack(has, self.w.budget or 0, self.w.threads, measure_baseline(without_mapped_models=True),
+                                  memory_limit(),
                                   self.w.rate), timeout=self.timeout)
         replica = Replica(hexd)
         ch.set_limit(PIECE_S.size + PIECE_CHUNK)
