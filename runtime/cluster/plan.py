@@ -174,21 +174,6 @@ def weight_bytes(cfg: ModelConfig, f: GGUFFile, s: NodeShard, rank: int) -> int:
     return sum(slice_bytes(f.info(n), sl) for n, sl in node_tensors(cfg, f, s, rank).items())
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_kv: int, n_ctx: int, n_batch: int, cache_type: str = "f16") -> int:
-    total = 0
-    for i in range(cfg.n_layer):
-        rows = n_ctx
-        if cfg.sliding_window and cfg.swa_layers and cfg.swa_layers[i]:
-            rows = min(cfg.sliding_window + n_batch - 1, n_ctx)
-        total += kv_bytes(cache_type, rows * n_kv * (cfg.head_dim + cfg.head_dim_v))  # K and V
-    return total
-
-
-def node_bytes(cfg, f, plan: Plan, rank: int, n_ctx: int, n_batch: int, cache_type: str = "f16") -> int:
-    s = plan.nodes[rank]
-    return weight_bytes(cfg, f, s, rank) + kv_cache_bytes(cfg, len(kv_map(cfg, s.h0, s.h1)), n_ctx, n_batch, cache_type)
-
-
 # ---- choosing the boundaries ---------------------------------------------------------------------
 
 def _head_bounds(cfg: ModelConfig, cum: np.ndarray) -> list[int]:
@@ -343,9 +328,9 @@ def choose_nodes(rates, rtts, n_reduce: int, model_bytes: int) -> tuple[list[int
     rates, so every node finishes its share together) plus n_reduce star all-reduces, each waiting
     for the slowest link's round trip plus STAR_EXTRA of every other link's (the coordinator reads
     and answers the peers one by one: bench/cluster.py measured 0.18 ms per all-reduce with one
-    peer and 0.25 ms with two on loopback, round trips 0.18 ms). `rates`: weight bytes per second each node's kernels measured;
-    `rtts`: each node's round trip in seconds (0 for the coordinator). Returns (the nodes kept, a
-    reason for each node left out)."""
+    peer and 0.25 ms with two on loopback, round trips 0.18 ms). `rates`: weight bytes per second
+    each node's kernels measured; `rtts`: each node's round trip in seconds (0 for the
+    coordinator). Returns (the nodes kept, a reason for each node left out)."""
     keep, why = [0], []
     order = sorted(range(1, len(rates)), key=lambda i: -rates[i])
 
