@@ -267,6 +267,15 @@ def full_memory(s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELIN
 
 # ---- the machine --------------------------------------------------------------------------------
 
+def process_bytes(field: str = "VmRSS") -> int | None:
+    """A size from /proc/self/status in bytes (VmRSS: resident now, VmHWM: the peak); None without /proc."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(re.search(field + r":\s+(\d+) kB", fh.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
 def measure_baseline(without_mapped_models: bool = False) -> int:
     """The process' share of the budget: its resident memory now (/proc/self/status VmRSS) plus
     what the first forward pass adds (FIRST_PASS), at least BASELINE. `without_mapped_models`:
@@ -276,11 +285,8 @@ def measure_baseline(without_mapped_models: bool = False) -> int:
         import numba  # noqa: F401  (measured with it loaded, as the kernels will load it)
     except ImportError:  # pragma: no cover - phones without numba
         pass
-    try:
-        with open("/proc/self/status") as fh:
-            s = fh.read()
-        rss = int(re.search(r"VmRSS:\s+(\d+) kB", s).group(1)) * 1024
-    except (OSError, AttributeError):
+    rss = process_bytes()
+    if rss is None:
         return BASELINE
     return max(BASELINE, rss - (_mapped_model_bytes() if without_mapped_models else 0) + FIRST_PASS)
 
@@ -304,11 +310,7 @@ def memory_limit() -> int:
     """The most memory this process can hold: what it holds now plus psutil's available memory,
     capped by a cgroup limit (v1 memory.limit_in_bytes, v2 memory.max) where one applies (a
     container, `memlimit`): psutil does not see those."""
-    try:
-        with open("/proc/self/status") as fh:
-            rss = int(re.search(r"VmRSS:\s+(\d+) kB", fh.read()).group(1)) * 1024
-    except (OSError, AttributeError):
-        rss = 0
+    rss = process_bytes() or 0
     try:
         import psutil
         limit = rss + int(psutil.virtual_memory().available)

@@ -31,11 +31,11 @@ import numpy as np
 from ...errors import EdgeLLMError
 from ...loaders.gguf import GGUFFile
 from . import wire
-from ...offload.planner import BudgetError, measure_baseline
+from ...offload.planner import measure_baseline, process_bytes
 from .keys import load_identity
 from .plan import choose_nodes, local_config, make_plan, weight_bytes
 from .replica import digest_of, piece_data
-from .shard import ShardedWeights, matvec_rate, resident_bytes, stream_shard
+from .shard import matvec_rate, shard_store
 from .messages import (BYE, ERROR, INFO, INFO_S, LOGITS, NEED, OPEN, OPEN_S, PARTIAL, PIECE, PIECE_CHUNK, PIECE_S, PLAN,
                        PLAN_S, PROBE, PROGRESS, READY, READY_S, ROWS_S, STATS, STATS_S, STEP, STEP_S, SUM, step_limit)
 from .wire import ClusterError, array
@@ -150,10 +150,8 @@ class ClusterModel:
     def node_stats(self) -> list[dict]:
         """Per node (the coordinator first): peak and current resident bytes, bytes streamed from
         disk, time waiting for streamed weights. A node that does not answer is skipped."""
-        from .worker import _rss
-
         tel = getattr(self.local.w, "telemetry", {}) if self.local is not None else {}
-        out = [{"node": "coordinator", "peak_rss_bytes": _rss("VmHWM"), "rss_bytes": _rss("VmRSS"),
+        out = [{"node": "coordinator", "peak_rss_bytes": process_bytes("VmHWM") or 0, "rss_bytes": process_bytes() or 0,
                 "bytes_read": int(tel.get("bytes_read", 0)), "io_wait_s": float(tel.get("io_wait_s", 0.0)),
                 "weight_bytes": self.weight_bytes, "streamed_per_pass": self.streamed}]
         for p in self.live:
@@ -293,16 +291,11 @@ class ClusterModel:
 
     def _local_store(self, plan):
         """This node's shard: resident, or streamed from its shard file when --memory-budget cannot hold it."""
-        cfg, f, rc = self.cfg, self.f, self.rcfg
-        if self.budget and resident_bytes(cfg, f, plan.nodes[0], 0, self.n_ctx, rc.n_batch, rc.cache_type) > self.budget:
-            self.cache.clear()
-            try:
-                store = stream_shard(f, cfg, plan.nodes[0], 0, self.make_linear, self.digest.hex(), rc, self.budget)
-            except BudgetError as e:
-                raise ClusterError(f"the coordinator's shard does not fit its memory budget even streamed: {e}") from None
+        store = shard_store(self.f, self.cfg, plan.nodes[0], 0, self.make_linear, self.digest.hex(), self.rcfg,
+                            self.budget, self.cache, "the coordinator")
+        if hasattr(store, "plan"):
             log.info("coordinator streams its shard:\n%s", store.plan.describe())
-            return store
-        return ShardedWeights(f, cfg, plan.nodes[0], 0, self.make_linear, self.cache)
+        return store
 
     def _setup_deadline(self) -> float:
         """Setup waits (a node opening and parsing its file, computing what it lacks) get more time

@@ -144,7 +144,8 @@ class Identity:
             if self.key_file is None:
                 raise ClusterError("--allow needs --key: a node with no key of its own cannot be accepted by others")
             self.allow_file = Path(self.allow_file).expanduser()
-        self.allowed()  # check the files now: a bad one is a clear error at start, not at first contact
+        if self.secured:  # check the files now: a bad one is a clear error at start, not at first contact
+            self.context(server=False)
 
     @property
     def secured(self) -> bool:
@@ -185,10 +186,18 @@ class Identity:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # peers are named by their certificates, not by host names
         if self.secured:
-            ctx.load_cert_chain(str(self.key_file))
+            try:
+                ctx.load_cert_chain(str(self.key_file))
+            except (ssl.SSLError, OSError) as e:
+                raise ClusterError(f"key file {self.key_file} cannot be used ({e}); make a new one with "
+                                   f"`edgellm keygen {self.key_file} --force`") from None
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a listed self-signed certificate is a trust anchor
-            ctx.load_verify_locations(cadata=b"".join(self.allowed()))
+            try:
+                ctx.load_verify_locations(cadata=b"".join(self.allowed()))
+            except ssl.SSLError as e:
+                raise ClusterError(f"allow-list {self.allow_file or self.key_file} holds a certificate that cannot "
+                                   f"be used ({e})") from None
         else:
             ctx.verify_mode = ssl.CERT_NONE
             if server:

@@ -26,7 +26,8 @@ from ...loaders.gguf_write import OutTensor, write_gguf
 from ...loaders.store import home
 from ...quant.formats import dequantize
 from ..config import ModelConfig
-from .plan import NodeShard, Slice, node_tensors, output_name, slice_bytes
+from .plan import NodeShard, Slice, node_tensors, slice_bytes
+from .wire import ClusterError
 
 F32 = np.float32
 
@@ -60,10 +61,12 @@ def slice_raw(f: GGUFFile, name: str, sl: Slice) -> np.ndarray:
     return np.concatenate([rows[a:b] for a, b in sl.ranges])
 
 
-def _padded(fn: Callable, k: int, before: int, after: int) -> Callable:
-    """x (T, k) -> fn(x placed at columns [before, before + k) of zeros (T, before + k + after))."""
+def _padded(fn: Callable, k: int, before: int, after: int, one: np.ndarray | None = None) -> Callable:
+    """x (T, k) -> fn(x placed at columns [before, before + k) of zeros (T, before + k + after)).
+    `one`: the (1, width) zero buffer single tokens use (kept by a caller that wraps often)."""
     width = before + k + after
-    one = np.zeros((1, width), F32)  # (1, width): the decode step's buffer, zeros outside the slice
+    if one is None:
+        one = np.zeros((1, width), F32)  # (1, width): the decode step's buffer, zeros outside the slice
 
     def call(x: np.ndarray) -> np.ndarray:
         buf = one if x.shape[0] == 1 else np.zeros((x.shape[0], width), F32)
@@ -198,13 +201,13 @@ class StreamedShard:
 
         self.store, self.slices = store, slices
         self.plan = store.plan
-        self._pads: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._pads: dict[str, tuple[int, int, int, np.ndarray]] = {}  # name -> _padded's k, before, after, buffer
         for n, sl in slices.items():
             if sl.axis == 1 and sl.pad != (0, 0):
                 t = f.info(n)
                 (b0, b1), = sl.ranges
                 width = (b1 - b0) * t.type.block_size
-                self._pads[n] = (sl.pad[0], width - sum(sl.pad), np.zeros((1, width), F32))
+                self._pads[n] = (width - sum(sl.pad), *sl.pad, np.zeros((1, width), F32))
         self._fd = os.open(f.path, os.O_RDONLY)
         t = f.info("token_embd.weight")
         self._table = RowTable(self._fd, t.offset, t.n_rows, t.row_bytes), t.type
@@ -219,17 +222,9 @@ class StreamedShard:
         return self._table
 
     def linear(self, name: str) -> Callable:
-        fn = self.store.linear(name)
+        fn = self.store.linear(name)  # a new callable each time: the unit's current buffer
         pad = self._pads.get(name)
-        if pad is None:
-            return fn
-        before, k, one = pad
-
-        def call(x: np.ndarray) -> np.ndarray:
-            buf = one if x.shape[0] == 1 else np.zeros((x.shape[0], one.shape[1]), F32)
-            buf[:, before:before + k] = x
-            return fn(buf)
-        return call
+        return fn if pad is None else _padded(fn, *pad)
 
     def load_all(self, progress=None) -> None:
         self.store.load_all()
@@ -261,6 +256,22 @@ def stream_shard(f: GGUFFile, cfg: ModelConfig, shard: NodeShard, rank: int, mak
                                    row_align=tile_rows, cache_type=rcfg.cache_type,
                                    baseline=measure_baseline(without_mapped_models=True))
     return StreamedShard(StreamingWeights(sf, plan, units, make_linear), f, slices)
+
+
+def shard_store(f: GGUFFile, cfg: ModelConfig, shard: NodeShard, rank: int, make_linear, digest: str, rcfg,
+                budget: int | None, cache: dict, who: str, progress: Callable[[], None] | None = None):
+    """A node's weight store: ShardedWeights when its shard fits `budget` (None: no limit) with the
+    process, KV cache and activations, else the shard streamed under it (ClusterError naming `who`
+    when not even that fits)."""
+    from ...offload.planner import BudgetError
+
+    if not budget or resident_bytes(cfg, f, shard, rank, rcfg.n_ctx, rcfg.n_batch, rcfg.cache_type) <= budget:
+        return ShardedWeights(f, cfg, shard, rank, make_linear, cache)
+    cache.clear()  # packed resident slices of an earlier session would count against the budget
+    try:
+        return stream_shard(f, cfg, shard, rank, make_linear, digest, rcfg, budget, progress)
+    except BudgetError as e:
+        raise ClusterError(f"{who}: its shard does not fit its memory budget even streamed: {e}") from None
 
 
 def resident_bytes(cfg: ModelConfig, f: GGUFFile, shard: NodeShard, rank: int, n_ctx: int, n_batch: int,

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from ...errors import EdgeLLMError
-from ...offload.planner import BudgetError, measure_baseline, memory_limit
+from ...offload.planner import measure_baseline, memory_limit, process_bytes
 from ...loaders.gguf import GGUFFile
 from ...quant.ggml_types import KV_CACHE_TYPES
 from ..config import RuntimeConfig
@@ -39,7 +39,7 @@ from .messages import (BYE, ERROR, INFO, INFO_S, LOGIT_CHUNK, LOGITS, NEED, OPEN
 from .keys import Identity
 from .plan import FIELDS, Plan, kv_map, local_config, node_tensors, weight_bytes
 from .replica import Replica, find_local, piece_bytes, pieces_of, subtract
-from .shard import ShardedWeights, matvec_rate, resident_bytes, stream_shard
+from .shard import matvec_rate, shard_store
 from .wire import ClusterError, ProtocolError, array
 
 log = logging.getLogger("edgellm.cluster")
@@ -217,19 +217,12 @@ class Session:
                 last[0] = time.monotonic()
 
         held = weight_bytes(cfg, f, s, rank)
-        self.store = store = None
-        budget = w.budget or memory_limit()  # without --memory-budget: what the machine (or cgroup) has
-        if resident_bytes(cfg, f, s, rank, n_ctx, n_batch, self.cache_type) > budget:
-            w.cache.clear()  # packed resident slices of an earlier session would count against the budget
-            try:
-                store = stream_shard(f, cfg, s, rank, make_linear, hexd, rcfg, budget, beat)
-            except BudgetError as e:
-                raise ClusterError(f"its shard does not fit its memory budget even streamed: {e}") from None
+        # without --memory-budget: what the machine (or its cgroup) has
+        self.store = store = shard_store(f, cfg, s, rank, make_linear, hexd, rcfg, w.budget or memory_limit(),
+                                         w.cache, "this node", beat)
+        if hasattr(store, "plan"):
             n_batch = store.plan.n_batch
             log.info("streaming the shard:\n%s", store.plan.describe())
-        else:
-            store = ShardedWeights(f, cfg, s, rank, make_linear, w.cache)
-        self.store = store
         self.model = cls(local_config(cfg, s), rcfg, store, ops)
         self.model.reduce = self.reduce
         store.load_all(beat)
@@ -256,7 +249,7 @@ class Session:
                 return
             if t == STATS:
                 tel = getattr(self.store, "telemetry", {})
-                ch.send(STATS, STATS_S.pack(_rss("VmHWM"), _rss("VmRSS"), int(tel.get("bytes_read", 0)),
+                ch.send(STATS, STATS_S.pack(process_bytes("VmHWM") or 0, process_bytes() or 0, int(tel.get("bytes_read", 0)),
                                             float(tel.get("io_wait_s", 0.0))), timeout=self.timeout)
                 continue
             start, T, flags, z = wire.unpack(STEP_S, p)
@@ -334,18 +327,6 @@ class Session:
                 raise ProtocolError("unexpected weight piece")
             rep.write_piece(t, axis, lo, hi, got, data)
             got += len(data)
-
-
-def _rss(field: str) -> int:
-    """This process' peak (VmHWM) or current (VmRSS) resident bytes; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def parse_size(text: str | None) -> int | None:
