@@ -1,6 +1,7 @@
 """The LAN cluster (runtime/cluster): shard plans, exact column splits, multi-process runs on
 loopback against llama.cpp's tokens, shards sent once to a node without the file, lost and stalled
-nodes, bad peers, and nodes in their own network namespaces.
+nodes, bad peers, and nodes in their own network namespaces; TLS keys and allow-lists, a loopback
+capture with no plaintext, nodes under hard memory limits streaming their shards, rejoin.
 
 Workers are real `edgellm worker` processes; the test process is the coordinator. Kernels are
 numpy's (exact float32 weights) so that a sharded run differs from a single node only by float
@@ -16,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ from edgellm.runtime import Engine, RuntimeConfig, SamplingParams
 from edgellm.runtime.cluster import ClusterError, keygen, load_identity, messages, plan as P, wire
 
 from conftest import model_file, reference_file
+from memory_limit import MemoryGroup
 
 # llama.cpp's tokens, except where its top-2 logits are closer than this (the cluster's prompts run
 # the exact float path; these checks predate the exact-path rule of tests/test_models.py)
@@ -52,13 +53,13 @@ WORKER = [sys.executable, "-c", "from edgellm.cli import main; main()", "worker"
 class Node:
     """An `edgellm worker` process (optionally in a network namespace); `address` waits for it."""
 
-    def __init__(self, *args, env=None, netns=None, listen="127.0.0.1:0", prefix=()):
-        cmd = [*prefix, *WORKER, "--listen", listen, "--threads", "1", *args]
+    def __init__(self, *args, env=None, netns=None, listen="127.0.0.1:0", preexec=None):
+        cmd = [*WORKER, "--listen", listen, "--threads", "1", *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
         err = None if os.environ.get("EDGELLM_TEST_LOGS") else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec)
         self._address = None
 
     @property
@@ -194,6 +195,11 @@ def test_keys_and_addresses(tmp_path):
         load_identity(k, tmp_path / "empty.pem")
     with pytest.raises(ClusterError, match="cannot read"):
         load_identity(k, tmp_path / "missing.pem")
+    keygen(tmp_path / "two")  # one key's private half with another's certificate
+    text, other = k.read_text(), (tmp_path / "two.crt").read_text()
+    (tmp_path / "mixed").write_text(text[:text.index("-----BEGIN CERTIFICATE-----")] + other)
+    with pytest.raises(ClusterError, match="cannot be used"):
+        load_identity(tmp_path / "mixed")
     assert wire.parse_address("10.0.0.2:7000") == ("10.0.0.2", 7000)
     assert wire.parse_address("[::1]:7001") == ("::1", 7001)
     with pytest.raises(ClusterError):
@@ -523,44 +529,37 @@ def test_nodes_in_separate_network_namespaces(namespaces, tmp_path):
 
 # ---- cluster v2: per-node budgets, encrypted traffic, allow-lists, rejoin ------------------------------
 
-MEMLIMIT = Path(os.environ.get("EDGELLM_MEMLIMIT", Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "memlimit"))
-
-
 def test_three_nodes_each_under_500m_stream_their_shards(tmp_path):
-    """qwen2.5-coder-1.5b (1.1 GB) on 3 nodes, each under a hard 500 MB limit (cgroup, memlimit)
+    """qwen2.5-coder-1.5b (1.1 GB) on 3 nodes, each in its own memory cgroup limited to 500 MiB
     with --memory-budget 500M: every node streams its shard, none is killed, and the greedy tokens
     are llama.cpp's (near-tie rule); per-node peak memory and bytes streamed are reported."""
-    if not MEMLIMIT.exists():
-        pytest.skip(f"{MEMLIMIT} is missing")
-    probe = subprocess.run([sys.executable, str(MEMLIMIT), "100M", "--", "true"], capture_output=True, text=True)
-    if probe.returncode == 3:
-        pytest.skip("memlimit cannot set memory limits here (needs root and cgroup v1)")
     name = "qwen2.5-coder-1.5b"
     p = json.loads(reference_file(f"llamacpp-{name}.json").read_text())["prompts"][0]
     key = keygen(tmp_path / "k")
-    lim = [sys.executable, str(MEMLIMIT), "500M", "--"]
-    ws = [Node("--key", str(key), "--memory-budget", "500M", prefix=lim) for _ in range(2)]
-    try:
-        (tmp_path / "prompt").write_text(p["prompt"])
-        cmd = lim + [*WORKER[:3], "run", str(model_file(name)), "--file", str(tmp_path / "prompt"), "--temp", "0",
-                     "-n", "12", "--ignore-eos", "--threads", "1", "--ctx", "512", "--json", "--memory-budget", "500M",
-                     "--cluster", ",".join(w.address for w in ws), "--key", str(key)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        report = json.loads(r.stderr.strip().splitlines()[-1])
-        assert r.returncode == 0 and not report["oom_killed"], r.stderr[-3000:]
-        out = json.loads(r.stdout)
-        assert out["prompt_ids"] == p["prompt_ids"] and len(out["ids"]) == 12
-        check_greedy(name, out["ids"], p)
-        nodes = out["cluster"]
-        assert len(nodes) == 3 and all(n["streamed_per_pass"] > 100e6 for n in nodes), nodes
-        assert all(n["bytes_read"] >= 12 * n["streamed_per_pass"] for n in nodes), nodes
-        assert all(w.proc.poll() is None for w in ws)  # no worker was killed by its limit
-        print("\n" + "\n".join(f"{n['node']}: weights {n['weight_bytes'] / 1e6:.0f} MB, streamed "
-                                f"{n['streamed_per_pass'] / 1e6:.0f} MB/pass, peak RSS {n['peak_rss_bytes'] / 1e6:.0f} MB"
-                                for n in nodes) + f"\ncoordinator cgroup peak {report['peak_bytes'] / 1e6:.0f} MB")
-    finally:
-        for w in ws:
-            w.stop()
+    limit = 500 << 20
+    with MemoryGroup(limit) as g0, MemoryGroup(limit) as g1, MemoryGroup(limit) as g2:
+        ws = [Node("--key", str(key), "--memory-budget", "500M", preexec=g.enter) for g in (g1, g2)]
+        try:
+            (tmp_path / "prompt").write_text(p["prompt"])
+            cmd = [*WORKER[:3], "run", str(model_file(name)), "--file", str(tmp_path / "prompt"), "--temp", "0",
+                   "-n", "12", "--ignore-eos", "--threads", "1", "--ctx", "512", "--json", "--memory-budget", "500M",
+                   "--cluster", ",".join(w.address for w in ws), "--key", str(key)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=g0.enter)
+            assert r.returncode == 0 and not g0.oom_killed, r.stderr[-3000:]
+            out = json.loads(r.stdout)
+            assert out["prompt_ids"] == p["prompt_ids"] and len(out["ids"]) == 12
+            check_greedy(name, out["ids"], p)
+            nodes = out["cluster"]
+            assert len(nodes) == 3 and all(n["streamed_per_pass"] > 100e6 for n in nodes), nodes
+            assert all(n["bytes_read"] >= 12 * n["streamed_per_pass"] for n in nodes), nodes
+            assert all(w.proc.poll() is None for w in ws) and not g1.oom_killed and not g2.oom_killed
+            assert all(g.peak_bytes <= limit for g in (g0, g1, g2))
+            print("\n" + "\n".join(f"{n['node']}: weights {n['weight_bytes'] / 1e6:.0f} MB, streamed "
+                                    f"{n['streamed_per_pass'] / 1e6:.0f} MB/pass, peak RSS {n['peak_rss_bytes'] / 1e6:.0f} MB, "
+                                    f"cgroup peak {g.peak_bytes / 1e6:.0f} MB" for n, g in zip(nodes, (g0, g1, g2))))
+        finally:
+            for w in ws:
+                w.stop()
 
 
 def _entropy(b: bytes) -> float:
@@ -613,14 +612,12 @@ def test_loopback_capture_shows_no_plaintext(tmp_path):
     assert h > 7.99, h
     from edgellm.loaders.gguf import GGUFFile
     with GGUFFile(model_file(name)) as f:
-        t = f.info("blk.0.ffn_down.weight")
         windows = [bytes(np.asarray(f.raw(n)).view(np.uint8).reshape(-1)[:64]) for n in
                    ("blk.0.ffn_down.weight", "blk.3.attn_q.weight", "output_norm.weight") if n in f.tensors]
         names = ["blk.0.ffn_down.weight", "token_embd.weight", "general.architecture"]
     for needle in [prompt.encode(), b"swordfish", np.asarray(ids, "<i8").tobytes(), np.asarray(ids, "<i4").tobytes(),
                    *(n.encode() for n in names), *windows]:
         assert needle not in payload, needle[:40]
-    assert t is not None
 
 
 def test_allow_lists_accept_and_revoke_keys(tmp_path):

@@ -1,12 +1,10 @@
 """offload/: the memory-budget planner, the streaming weight store, the GGUF-direct kernels it
-multiplies with, and a real run under a hard memory limit (tools/memlimit)."""
+multiplies with, and a real run under a hard memory limit (tests/memory_limit.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ from edgellm.offload import planner as P
 from edgellm.offload.stream import StreamingWeights
 
 from conftest import model_file
+from memory_limit import MemoryGroup
 
 MB = 1 << 20
-MEMLIMIT = Path(os.environ.get("EDGELLM_MEMLIMIT", Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "memlimit"))
 
 
 # ---- sizes and the planner (pure functions of sizes) --------------------------------------------
@@ -189,28 +187,22 @@ def test_streams_by_itself_when_the_model_does_not_fit(monkeypatch, capsys):
 
 # ---- a real run under a hard memory limit ----------------------------------------------------------
 
-def _run_json(args, limit=None):
+def _run_json(args, group=None):
     cmd = [sys.executable, "-c", "from edgellm.cli import main; main()", "run", *args]
-    if limit:
-        cmd = [sys.executable, str(MEMLIMIT), limit, "--", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
-    return r
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=150, preexec_fn=group.enter if group else None)
 
 
 def test_greedy_tokens_under_a_hard_limit_equal_the_unbudgeted_run():
-    """qwen2.5-coder-0.5b (491 MB file) under `memlimit 300M` with --memory-budget 300M: not
-    killed, and its greedy tokens equal the unbudgeted run's with the same (GGUF-direct) kernels,
-    bit for bit by construction, and (checked here, not guaranteed) the default backend's."""
-    if not MEMLIMIT.exists():
-        pytest.skip(f"{MEMLIMIT} is missing")
+    """qwen2.5-coder-0.5b (491 MB file) under a hard 300 MB limit (a memory cgroup) with
+    --memory-budget 300M: not killed, and its greedy tokens equal the unbudgeted run's with the
+    same (GGUF-direct) kernels, bit for bit by construction, and (checked here, not guaranteed)
+    the default backend's."""
     path = str(model_file("qwen2.5-coder-0.5b"))
     common = [path, "def quicksort(arr):\n    ", "-n", "16", "--temp", "0", "--ctx", "512", "--json", "-t", "2"]
-    limited = _run_json(common + ["--memory-budget", "300M"], limit="300M")
-    if limited.returncode == 3 and "no cgroup" in limited.stderr:
-        pytest.skip("memlimit cannot set memory limits here (needs root and cgroup v1)")
-    report = json.loads(limited.stderr.strip().splitlines()[-1])
-    assert not report["oom_killed"], report
-    assert limited.returncode == 0, limited.stderr[-2000:]
+    with MemoryGroup(300 * MB) as g:
+        limited = _run_json(common + ["--memory-budget", "300M"], g)
+        assert not g.oom_killed and limited.returncode == 0, limited.stderr[-2000:]
+        assert g.peak_bytes <= 300 * MB
     free = _run_json(common)
     assert free.returncode == 0, free.stderr[-2000:]
     a, b = json.loads(limited.stdout), json.loads(free.stdout)
