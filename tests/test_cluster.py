@@ -394,7 +394,7 @@ def test_setup_refuses_budgets_below_the_streaming_minimum():
         with pytest.raises(ClusterError, match=rf"node 1 \({x.address}\): needs at least [\d,]+ MB, budget 105 MB, "
                                                rf"[\d,]+ MB short; node 2 \({y.address}\)"):
             Engine(model_file(name), RuntimeConfig(cluster=(x.address, y.address), n_ctx=256, threads=1,
-                                                   backend="numpy", cluster_timeout=1.5))
+                                                   backend="numpy", cluster_timeout=1.5, cluster_split=(1, 1, 1)))
     finally:
         x.stop()
         y.stop()
@@ -514,12 +514,13 @@ def test_nodes_in_separate_network_namespaces(namespaces, tmp_path):
         cmd = ["ip", "netns", "exec", f"{tag}c", sys.executable, "-c", "from edgellm.cli import main; main()",
                "run", str(model_file(name)), "--file", str(tmp_path / "prompt"), "--temp", "0", "-n", "8",
                "--ignore-eos", "--threads", "1", "--ctx", "256", "--backend", "numpy", "--json",
-               "--cluster", ",".join(w.address for w in ws), "--key", str(key)]
+               "--cluster", ",".join(w.address for w in ws), "--key", str(key), "--split", "1,1,1"]
         (tmp_path / "prompt").write_text(p["prompt"])
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         out = json.loads(r.stdout)
         assert out["prompt_ids"] == p["prompt_ids"] and len(out["ids"]) == 8
+        assert [n["node"] for n in out["cluster"]][1:] == [w.address for w in ws]  # both workers took part
         check_greedy(name, out["ids"], p)
         print("shaping:", shaping)
     finally:
@@ -543,7 +544,7 @@ def test_three_nodes_each_under_500m_stream_their_shards(tmp_path):
             (tmp_path / "prompt").write_text(p["prompt"])
             cmd = [*WORKER[:3], "run", str(model_file(name)), "--file", str(tmp_path / "prompt"), "--temp", "0",
                    "-n", "12", "--ignore-eos", "--threads", "1", "--ctx", "512", "--json", "--memory-budget", "500M",
-                   "--cluster", ",".join(w.address for w in ws), "--key", str(key)]
+                   "--cluster", ",".join(w.address for w in ws), "--key", str(key), "--split", "1,1,1"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=g0.enter)
             assert r.returncode == 0 and not g0.oom_killed, r.stderr[-3000:]
             out = json.loads(r.stdout)
