@@ -18,7 +18,7 @@ from types import FunctionType
 
 from numba import njit
 
-_SOURCES = ("jit.py", "qmatmul.py", "qmatmul_rows.py", "simd.py", "sparse.py", "threads.py")
+_SOURCES = ("jit.py", "qmatmul.py", "qmatmul_rows.py", "qmatmul_tiles.py", "simd.py", "sparse.py", "threads.py")
 
 
 @functools.cache

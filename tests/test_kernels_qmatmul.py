@@ -6,14 +6,15 @@ dequantized GGUF weights (quant/, bit-exact to gguf-py), Q4_K's mins against the
 (Q2_K's against those of the rounded x). What is left is float32 accumulation: 2e-6 * |x| . |w|.
 Against the exact product the rounding of x adds at most half a step per element. Every CPU
 path this machine offers must give the same bits; results must not depend on threads, batch
-size or row chunks.
+size or row chunks. Prompts of more than TILE_T tokens go through packed tiles: the same integers,
+another float order, so the same bounds, and batch-invariant among themselves.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgellm.kernels_cpu import linear, qmatmul as qm, simd, threads
+from edgellm.kernels_cpu import linear, qmatmul as qm, qmatmul_tiles as tiles, simd, threads
 from edgellm.kernels_cpu.qmatmul_ref import SPLIT_MINS, dequantize_rows, int8_error_bound, random_raw, split
 from edgellm.loaders.gguf import GGUFFile
 from edgellm.quant.ggml_types import GGMLType as T
@@ -63,12 +64,8 @@ def test_quantize_x_is_its_recipe():
     assert np.allclose(xs[:, :3], x.reshape(3, 3, 32).sum(axis=2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("k", [512, 1536])
-def test_products_match_the_recipe_on_every_path(t, k):
-    rng = np.random.default_rng(int(t) + k)
-    raw = random_raw(t, 75, k, rng)
-    x = rng.standard_normal((13, k)).astype(np.float32)  # every group shape: 8 or 4 tokens x 2 rows, 1
+def _check_every_path(raw, t, k, x):
+    """The product is within float32 rounding of the recipe, and the same bits on every CPU path."""
     ref = _reference(raw, t, k, x)
     tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, k)).T) + 1e-30
     w = qm.Weight(raw, t, k)
@@ -76,6 +73,15 @@ def test_products_match_the_recipe_on_every_path(t, k):
     assert float((np.abs(ys[0] - ref) / tol).max()) <= 1.0
     for isa, y in zip(PATHS[1:], ys[1:]):
         assert np.array_equal(y, ys[0]), f"{simd.NAMES[isa]} differs from {simd.NAMES[PATHS[0]]}"
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [512, 1536])
+def test_products_match_the_recipe_on_every_path(t, k):
+    rng = np.random.default_rng(int(t) + k)
+    raw = random_raw(t, 75, k, rng)
+    x = rng.standard_normal((13, k)).astype(np.float32)  # every group shape: 8 or 4 tokens x 2 rows, 1
+    _check_every_path(raw, t, k, x)
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
@@ -151,19 +157,64 @@ def test_row_chunks_give_the_same_bits_as_the_whole_matrix(n_tok):
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-def test_a_prompt_gives_each_token_the_bits_of_its_own_decode(t):
-    """Prompts (T > 8: groups of 8 or 4 tokens against 1 or 2 rows, then fewer, per row pass)
-    follow the same recipe, and a token's row equals the one it gets decoded alone: prefill,
-    decode and speculative verification agree bit for bit."""
+def test_a_short_prompt_gives_each_token_the_bits_of_its_own_decode(t):
+    """Products of up to TILE_T tokens (groups of 8 or 4 tokens against 1 or 2 rows, then fewer,
+    per row pass) follow the decode recipe, and a token's row equals the one it gets decoded
+    alone: decode, speculative verification and batched parallel decode agree bit for bit."""
     rng = np.random.default_rng(11)
     raw = random_raw(t, 301, 512, rng)
-    x = rng.standard_normal((3 * qm.SMALL_T + 7, 512)).astype(np.float32)
+    x = rng.standard_normal((tiles.TILE_T, 512)).astype(np.float32)
     w = qm.Weight(raw, t, 512)
     y = qm.matmul(w, x)
     tol = 2e-6 * (np.abs(x) @ np.abs(dequantize_rows(raw, t, 512)).T) + 1e-30
     assert float((np.abs(y - _reference(raw, t, 512, x)) / tol).max()) <= 1.0
-    for i in (0, 7, 8, 23, 24, x.shape[0] - 1):
+    for i in (0, 7, 8, 11, 12, x.shape[0] - 1):
         assert np.array_equal(qm.matmul(w, x[i:i + 1])[0], y[i])
+
+
+def test_verification_and_parallel_batches_stay_on_the_decode_recipe():
+    """Speculative verification (draft + 1 tokens) and a parallel decode pass (one row per slot)
+    must never reach the tiles, whose float order differs from decode's."""
+    from edgellm.runtime import config, speculative
+    assert speculative.MAX_DRAFT + 1 <= tiles.TILE_T
+    with pytest.raises(config.ConfigError):
+        config.RuntimeConfig(parallel=tiles.TILE_T + 1)
+    config.RuntimeConfig(parallel=tiles.TILE_T)
+
+
+TILED = [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0]
+
+
+@pytest.mark.parametrize("t,k", [(t, k) for t in TILED for k in (512, 1536)] + [(T.Q5_0, 96), (T.Q8_0, 96)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_prompt_tiles_match_the_recipe_on_every_path(t, k):
+    """A prompt of more than TILE_T tokens goes through the packed tiles (qmatmul_tiles): the same
+    integers as decode, one float chain per row; 75 rows are two tiles and a part of one, 37 tokens
+    are groups of 8 and lone ones; K = 96 ends on a lone 32-block."""
+    rng = np.random.default_rng(int(t) + k + 1)
+    raw = random_raw(t, 75, k, rng)
+    x = rng.standard_normal((tiles.TILE_T + 21, k)).astype(np.float32)
+    x[3] *= np.exp(rng.standard_normal(k) * 2).astype(np.float32)  # an outlier-heavy token
+    _check_every_path(raw, t, k, x)
+
+
+@pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
+def test_a_prompt_token_gets_the_same_bits_whatever_shares_its_tiles(t):
+    """A tiled token's row depends on its own x alone: not on the tokens around it, where its
+    group of 8 starts, the thread count or the other weights of the product."""
+    rng = np.random.default_rng(int(t) + 3)
+    raw = random_raw(t, 200, 1536, rng)
+    x = rng.standard_normal((40, 1536)).astype(np.float32)
+    w = qm.Weight(raw, t, 1536)
+    old = threads.max_count()
+    try:
+        threads.configure(2)
+        whole = qm.matmul(w, x)
+        threads.configure(1)
+        part = qm.Product([qm.Weight(random_raw(T.Q4_K, 64, 1536, rng), T.Q4_K, 1536), w])(x[5:5 + tiles.TILE_T + 3])[1]
+    finally:
+        threads.configure(old)
+    assert np.array_equal(part, whole[5:5 + tiles.TILE_T + 3])
 
 
 @pytest.mark.parametrize("t", [T.F32, T.F16, T.Q4_1, T.Q5_K], ids=lambda t: t.name)
