@@ -40,7 +40,7 @@ from . import qmatmul_tiles as tiles
 from . import simd, sparse, threads
 from .jit import specialize
 from .qmatmul_ref import dequantize_rows as _dequantize_ref
-from .qmatmul_rows import NO_PREFETCH, _row_q2_k, _row_q3_k, _row_q4_0, _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
+from .qmatmul_rows import NO_PREFETCH, quantize_block, _row_q2_k, _row_q3_k, _row_q4_0, _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
 from .threads import ARGS, finish, take, voidptr
 
 F32 = np.float32
@@ -90,31 +90,14 @@ def tile_rows(k: int) -> int:
 def _quantize_x(x, xq, xd, xs, x4n):
     """x (T, K) f32 -> xq (T, 2 Kp) i8, xd and xs (T, Kp/32) f32, x4n (T, Kp/4) i32 (module doc
     of qmatmul_rows); the padding (K..Kp) must be zero on entry and stays so. Per 32-block:
-    v = rint(x * 127 * 128 / amax) split as hi = rint(v / 128), lo = v - 128 hi."""
+    v = rint(x * 127 * 128 / amax) split as hi = rint(v / 128), lo = v - 128 hi; the block sum
+    in a fixed order (8 running sums of every 8th element, then their halves added pairwise).
+    One vector intrinsic per block (qmatmul_rows.quantize_block)."""
     t_n, k = x.shape
     for t in range(t_n):
+        xr, qr, nr, dr, sr = x[t], xq[t], x4n[t], xd[t], xs[t]
         for b in range(k // 32):
-            amax = F32(0.0)
-            s = F32(0.0)
-            for i in range(32):
-                v = x[t, 32 * b + i]
-                s += v
-                amax = max(amax, abs(v))
-            d = amax / F32(127.0 * 128.0)
-            inv = F32(1.0) / d if d != 0 else F32(0.0)
-            for g in range(8):
-                acc = 0
-                for i in range(4):
-                    e = 32 * b + 4 * g + i
-                    v = np.int32(np.rint(x[t, e] * inv))
-                    hi = np.int32(np.rint(F32(v) / F32(128.0)))
-                    at = 2 * e - e % 64  # hi of element e; lo 64 bytes later
-                    xq[t, at] = hi
-                    xq[t, at + 64] = v - 128 * hi
-                    acc += v
-                x4n[t, 8 * b + g] = -acc
-            xd[t, b] = d
-            xs[t, b] = s
+            quantize_block(xr, 32 * b, qr, 64 * b - (32 * b) % 64, dr, sr, nr, b)
 
 
 def quantize_x(x: np.ndarray):
@@ -139,10 +122,11 @@ def quantize_x(x: np.ndarray):
 _A_XQ, _A_XD, _A_XS, _A_X4, _A_OUT, _A_DESC, _A_IW, _A_IR = range(ARGS, ARGS + 16, 2)
 # (the items: item_w (n,) weight index, item_r (2, n) first and end row)
 _A_MODE, _A_SD = ARGS + 16, ARGS + 17  # 0: a product as above; 1: a sparse FFN (sparse.py) of descriptor sd
+_A_X16, _A_X32 = ARGS + 18, ARGS + 19  # prompts for tiles: minus the sums of v per 16 and per 32 elements
 
 
 @njit(cache=True, nogil=True)
-def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
+def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r, x16, x32):
     board[_A_XQ], board[_A_XQ + 1] = xq.ctypes.data, xq.shape[0]
     board[_A_XD], board[_A_XD + 1] = xd.ctypes.data, xq.shape[1] // 2
     board[_A_XS] = xs.ctypes.data
@@ -152,6 +136,7 @@ def _write_args(board, xq, xd, xs, x4n, out, desc, item_w, item_r):
     board[_A_IW], board[_A_IW + 1] = item_w.ctypes.data, item_w.shape[0]
     board[_A_IR] = item_r.ctypes.data  # (2, n_items): first and end row
     board[_A_MODE] = 0
+    board[_A_X16], board[_A_X32] = x16.ctypes.data, x32.ctypes.data
 
 
 def _rows(code, raw, r0, r1, rb, nb, xq, xd, xs, x4n, t0, kp, out, ooff, ostride, c, m):
@@ -204,33 +189,36 @@ def _tiles(code, raw, r0, r1, rb, nb, xq, xd, xs, t_n, kp, out, ooff, ostride, s
     s_len = 16 if code == Q6_K else 32
     xo = x16 if code == Q6_K else x32
     nsub = kp // s_len
+    per = tiles.K_CHUNK // s_len
     for r in range(r0, r1, tiles.ROWS):
         n = min(tiles.ROWS, r1 - r)
         tiles.pack(code, raw, r, n, rb, nb, kp, wt, sc, mn)
-        t0 = 0
-        while t0 < t_n:
-            yt = y[t0 * tiles.ROWS:]
-            if t_n - t0 >= 8:
-                _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, yt, 8, 1)
-                _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, yt, 8, 2)
-                t0 += 8
-            else:
-                _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, yt, 1, 3)
-                t0 += 1
+        for s0 in range(0, nsub, per):  # K in chunks, each against all tokens (activations stay in L1)
+            ns = min(per, nsub - s0)
+            t0 = 0
+            while t0 < t_n:
+                yt = y[t0 * tiles.ROWS:]
+                if t_n - t0 >= tiles.NT:
+                    _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, ns, s0, yt, 8, 1)
+                    _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, ns, s0, yt, 8, 2)
+                    t0 += tiles.NT
+                else:
+                    _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, ns, s0, yt, 1, 3)
+                    t0 += 1
         for t in range(t_n):
             for i in range(n):
                 out[t * ostride + ooff + r + i] = y[t * tiles.ROWS + i]
 
 
-def _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, c, g):
+def _tile_call(code, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, c, g):
     if code == Q4_K:
-        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, c, g, 32, 0, 1, ISA)
+        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, c, g, 32, 0, 1, ISA)
     elif code == Q6_K:
-        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, c, g, 16, 32, 0, ISA)
+        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, c, g, 16, 32, 0, ISA)
     elif code == Q8_0:
-        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, c, g, 32, 128, 0, ISA)
+        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, c, g, 32, 128, 0, ISA)
     else:
-        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, c, g, 32, 16, 0, ISA)
+        tiles._tile(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, c, g, 32, 16, 0, ISA)
 
 
 def _task(board, epoch):
@@ -249,13 +237,11 @@ def _task(board, epoch):
     item_w = numba.carray(voidptr(board[_A_IW]), n_items, np.int64)
     item_r = numba.carray(voidptr(board[_A_IR]), (2, n_items), np.int64)
     use_tiles = t_n > tiles.TILE_T
-    t_s, k_s = (t_n, kp) if use_tiles else (0, 0)  # (tiles' scratch: packed rows, results, sums of v)
+    k_s = kp if use_tiles else 0  # (tiles' scratch: packed rows and their results)
     scratch = (np.empty(k_s * tiles.ROWS, np.uint8), np.empty(k_s // 16 * tiles.ROWS, np.float32),
-               np.empty(k_s // 16 * tiles.ROWS, np.float32), np.empty(t_s * tiles.ROWS, np.float32), np.empty((t_s, k_s // 16), np.int32),
-               np.empty((t_s, k_s // 32), np.int32))
-    if use_tiles:
-        tiles.sums(x4n1.reshape(t_n, kp // 4), 16, scratch[4])
-        tiles.sums(x4n1.reshape(t_n, kp // 4), 32, scratch[5])
+               np.empty(k_s // 16 * tiles.ROWS, np.float32), np.empty(t_n * tiles.ROWS if use_tiles else 0, np.float32),
+               numba.carray(voidptr(board[_A_X16]), (t_n, k_s // 16), np.int32),
+               numba.carray(voidptr(board[_A_X32]), (t_n, k_s // 32), np.int32))
     while True:
         i = take(board, epoch)
         if i < 0:
@@ -342,12 +328,17 @@ class _Plan:
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
         xq, xd, xs, x4n = quantize_x(x)
         t_n = x.shape[0]
+        tiled = t_n > tiles.TILE_T
+        x16 = np.empty(x4n.size // 4 if tiled else 0, I32)
+        x32 = np.empty(x4n.size // 8 if tiled else 0, I32)
+        if tiled:
+            tiles.sums(x4n.reshape(-1), x16, x32)
         out = np.empty(t_n * int(self.cols[-1]), F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
         task = kernel(isa)
         n = self.item_w.shape[0]
 
         def write(board):
-            _write_args(board, xq, xd, xs, x4n, out, self.desc, self.item_w, self.item_r)
+            _write_args(board, xq, xd, xs, x4n, out, self.desc, self.item_w, self.item_r, x16, x32)
 
         def alone():
             board = np.zeros(threads.BOARD, np.int64)

@@ -415,3 +415,62 @@ def _row_q4_0(builder, isa, rows, nb, toks, fetch):
         qs = load_vec(builder, blk, _i64(2), vec(8, 16))
         return concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
     return _pairs(builder, isa, rows, nb, toks, fetch, 18, weights, 3)
+
+
+@intrinsic
+def quantize_block(typingctx, x, xoff, xq, qoff, xd, xs, x4n, b):
+    """One 32-block of activations (qmatmul.quantize_x's recipe) in vector IR: x[xoff .. xoff + 31]
+    (float32) -> hi, lo at xq[qoff ..], xq[qoff + 64 ..]; the scale amax / (127 * 128) and the
+    sum (8 running sums of every 8th element, then halves added pairwise) at xd[b], xs[b]; minus
+    the 4-sums of v at x4n[8 b ..]. v = rint(x / scale), hi = rint(v / 128), lo = v - 128 hi."""
+    sig = types.void(x, xoff, xq, qoff, xd, xs, x4n, b)
+
+    def codegen(context, builder, sig, args):
+        def data(i, ty):
+            return builder.bitcast(context.make_array(sig.args[i])(context, builder, args[i]).data, ty)
+
+        def i64(i):
+            return context.cast(builder, args[i], sig.args[i], types.int64)
+        xp, qp, dp, sp, np_ = data(0, F32P), data(2, I8P), data(4, F32P), data(5, F32P), data(6, ir.IntType(32).as_pointer())
+        v32 = ir.VectorType(F32, 32)
+        xv = builder.load(builder.bitcast(builder.gep(xp, [i64(1)]), v32.as_pointer()), align=4)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32]), "llvm.fabs.v32f32")
+        ax = builder.call(fabs, [xv])
+        parts = [shuffle(builder, xv, xv, range(8 * i, 8 * i + 8)) for i in range(4)]
+        tops = [shuffle(builder, ax, ax, range(8 * i, 8 * i + 8)) for i in range(4)]
+        sm, tp = parts[0], tops[0]
+
+        def fmax(a, c):  # max of non-negative floats (NaN-free inputs: an ordered compare is exact)
+            return builder.select(builder.fcmp_ordered(">", c, a), c, a)
+        for i in range(1, 4):
+            sm = builder.fadd(sm, parts[i])
+            tp = fmax(tp, tops[i])
+        for h in (4, 2, 1):
+            sm = builder.fadd(shuffle(builder, sm, sm, range(h)), shuffle(builder, sm, sm, range(h, 2 * h)))
+            tp = fmax(shuffle(builder, tp, tp, range(h)), shuffle(builder, tp, tp, range(h, 2 * h)))
+        total, amax = (builder.extract_element(v, ir.Constant(simd.I32, 0)) for v in (sm, tp))
+        d = builder.fdiv(amax, ir.Constant(F32, 127.0 * 128.0))
+        nz = builder.fcmp_ordered("!=", d, ir.Constant(F32, 0.0))
+        inv = builder.select(nz, builder.fdiv(ir.Constant(F32, 1.0), d), ir.Constant(F32, 0.0))
+        magic = ir.Constant(v32, [12582912.0] * 32)  # 1.5 * 2^23: adding and taking it back rounds half to even
+
+        def rint(y):
+            return builder.fsub(builder.fadd(y, magic), magic)
+        q = builder.fptosi(rint(builder.fmul(xv, splat(builder, inv, 32))), vec(32, 32))
+        hi = builder.fptosi(rint(builder.fmul(builder.sitofp(q, v32), ir.Constant(v32, [1.0 / 128.0] * 32))), vec(32, 32))
+        lo = builder.sub(q, builder.shl(hi, const_vec(32, [7] * 32)))
+        at = i64(3)
+        for part, off in ((hi, 0), (lo, 64)):
+            dst = builder.gep(qp, [builder.add(at, _i64(off))])
+            builder.store(builder.trunc(part, vec(8, 32)), builder.bitcast(dst, vec(8, 32).as_pointer()), align=1)
+        sums = builder.add(builder.add(shuffle(builder, q, q, range(0, 32, 4)), shuffle(builder, q, q, range(1, 32, 4))),
+                           builder.add(shuffle(builder, q, q, range(2, 32, 4)), shuffle(builder, q, q, range(3, 32, 4))))
+        b_ = i64(7)
+        dst = builder.gep(np_, [builder.mul(b_, _i64(8))])
+        builder.store(builder.sub(const_vec(32, [0] * 8), sums), builder.bitcast(dst, vec(32, 8).as_pointer()), align=4)
+        builder.store(d, builder.gep(dp, [b_]))
+        builder.store(total, builder.gep(sp, [b_]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+

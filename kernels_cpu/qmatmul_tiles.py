@@ -44,7 +44,8 @@ I64 = ir.IntType(64)
 I32 = ir.IntType(32)
 I8P = ir.IntType(8).as_pointer()
 ROWS = 32  # rows per tile: two 16-lane groups
-NT = 4  # tokens per kernel call (2 x 4 int32 accumulator pairs and 8 float ones stay in registers)
+NT = 8  # tokens per kernel call, against one 16-row group (8 int32 accumulator pairs, 8 float ones)
+K_CHUNK = 2048  # elements per pass over the tokens: 8 tokens' activations (32 KB) stay in L1
 TILE_T = 16  # prompt products of more tokens than this go through tiles
 # type codes as qmatmul's
 Q4_K, Q6_K, Q8_0, Q5_0 = 0, 1, 2, 3
@@ -63,9 +64,10 @@ def _i64(n):
 
 
 @intrinsic
-def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, sub, off, mins, isa):
-    """Rows 0..31 of a packed tile against tokens t0 .. t0 + ntok - 1; row i's result for token
-    t0 + c at y[c * 32 + i]; xo (T, Kp / S) int32: minus each token's sums of v per sub-block
+def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, groups, sub, off, mins, isa):
+    """Rows 0..31 of a packed tile against tokens t0 .. t0 + ntok - 1, over the nsub sub-blocks
+    from s0; row i's result for token t0 + c at y[c * 32 + i], where a call with s0 > 0 finds
+    the one of the sub-blocks before s0 to go on from (the chain is the same as in one call); xo (T, Kp / S) int32: minus each token's sums of v per sub-block
     (`sums`). ntok, groups (the 16-row groups: 3 both, 1 the first, 2 the second),
     sub (S), off (OFF), mins (0/1) and isa are literals."""
     lits = (ntok, groups, sub, off, mins, isa)
@@ -77,7 +79,7 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, 
     # simd.dp4_signed there (the same integers), with no offset to take back
     signed = path == simd.AVX2 and offset == 128
     offset = 0 if signed else offset
-    sig = types.void(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, sub, off, mins, isa)
+    sig = types.void(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, groups, sub, off, mins, isa)
 
     def codegen(context, builder, sig, args):
         def data(i):
@@ -86,8 +88,8 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, 
 
         def i64(i):
             return context.cast(builder, args[i], sig.args[i], types.int64)
-        wtp, scp, mnp, xqp, xdp, xsp, x4p, yp = (data(i) for i in (0, 1, 2, 3, 4, 5, 6, 10))
-        t0_, kp_, nsub_ = i64(7), i64(8), i64(9)
+        wtp, scp, mnp, xqp, xdp, xsp, x4p, yp = (data(i) for i in (0, 1, 2, 3, 4, 5, 6, 11))
+        t0_, kp_, nsub_, s0_ = i64(7), i64(8), i64(9), i64(10)
         toks = []
         for c in range(n_tok):
             t = builder.add(t0_, _i64(c))
@@ -96,12 +98,20 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, 
                              xo=builder.gep(x4p, [builder.mul(t, builder.mul(builder.sdiv(kp_, _i64(s_len)), _i64(4)))]),
                              xd=builder.gep(xdp, [builder.mul(t, builder.sdiv(kp_, _i64(8)))]),
                              xs=builder.gep(xsp, [builder.mul(t, builder.sdiv(kp_, _i64(8)))])))
-        accs = [[cgutils.alloca_once_value(builder, ir.Constant(V16F, [0.0] * 16)) for _ in toks] for _ in range(2)]
+        first = builder.icmp_signed("==", s0_, _i64(0))
+
+        def start(c, g):
+            at = builder.bitcast(builder.gep(yp, [_i64(4 * (ROWS * c + 16 * g))]), V16F.as_pointer())
+            return cgutils.alloca_once_value(builder, builder.select(first, ir.Constant(V16F, [0.0] * 16),
+                                                                     builder.load(at, align=4)))
+        accs = [[start(c, g) for c in range(n_tok)] for g in range(2)]
         zero = const_vec(32, [0] * 16)
         steps = s_len // 4
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16F, [V16F] * 3), "llvm.fmuladd.v16f32")
-        with cgutils.for_range(builder, nsub_) as loop:
-            s = loop.index
+        per_iter = max(1, 32 // s_len)  # sub-blocks per loop iteration (Q6_K: 2, so the loop's
+        # address arithmetic for 8 tokens is paid per 32 elements); nsub must be a multiple of it
+
+        def sub_block(s):
             e0 = builder.mul(s, _i64(s_len))  # first element of the sub-block
             xat = builder.sub(builder.mul(e0, _i64(2)), builder.srem(e0, _i64(64)))  # its hi byte (lo: + 64)
             hi = [[zero] * n_tok for _ in range(2)]
@@ -146,6 +156,10 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, y, ntok, groups, 
                     if has_mins:
                         acc = builder.call(fma, [load_vec(builder, mnp, at, V16F), nxs, acc])
                     builder.store(acc, accs[g][c])
+
+        with cgutils.for_range(builder, builder.sdiv(nsub_, _i64(per_iter))) as loop:
+            for j in range(per_iter):
+                sub_block(builder.add(s0_, builder.add(builder.mul(loop.index, _i64(per_iter)), _i64(j))))
         for c in range(n_tok):
             for g in gs:
                 dst = builder.gep(yp, [_i64(4 * (ROWS * c + 16 * g))])
@@ -167,15 +181,13 @@ def _f16(typingctx, raw, off):
 
 
 @njit(cache=True, nogil=True)
-def sums(x4n, s_len, out):
-    """out (T, Kp / s_len) int32: x4n's (T, Kp / 4) minus-4-sums added per s_len elements."""
-    per = s_len // 4
-    for t in range(x4n.shape[0]):
-        for s in range(out.shape[1]):
-            acc = 0
-            for i in range(per):
-                acc += x4n[t, s * per + i]
-            out[t, s] = acc
+def sums(x4n, x16, x32):
+    """x4n's minus-4-sums of v (flat) added per 16 elements into x16 and per 32 into x32 (flat:
+    (T, Kp / 16) and (T, Kp / 32), Kp a multiple of 64)."""
+    for n in range(x16.size):
+        x16[n] = (x4n[4 * n] + x4n[4 * n + 1]) + (x4n[4 * n + 2] + x4n[4 * n + 3])
+    for n in range(x32.size):
+        x32[n] = x16[2 * n] + x16[2 * n + 1]
 
 
 # ---- packing ------------------------------------------------------------------------------------
