@@ -18,7 +18,9 @@ Kp is K padded to a multiple of 64 with zeros, so a pair of 32-blocks can always
 Per 64 weights: one unsigned 64-byte vector of quants against both parts of x through
 `simd.dp4x2` (two vpdpbusd on VNNI CPUs), 16 int32 lanes of 4-element sums (exact), converted to float
 and multiplied lane by lane by the (weight scale x activation scale) of the block each lane
-belongs to, accumulated in 16 float lanes; one fixed-order horizontal sum per row. The result is
+belongs to, accumulated in 16 float lanes (Q4_K, Q6_K, Q8_0, Q5_0: two sets, alternate 64-weight
+groups or pairs of blocks, so a row's fma chain is half as long), added and summed in a fixed
+order per row. The result is
 a function of the row and the token's x alone: no dependence on threads, on the rows or tokens
 sharing the call, or on the CPU path (all paths compute the same integers; the float work is identical).
 
@@ -152,6 +154,7 @@ ZERO16 = const_vec(32, [0] * 16)
 @_row_intrinsic
 def _row_q4_k(builder, isa, rows, nb, toks, fetch):
     acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    acc2 = [[_acc(builder, V16F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
     macc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
     low4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
 
@@ -185,19 +188,20 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
         for j in range(4):
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
             xv = [_xv(builder, x, elem) for x in toks]
-            for blk, ar, sr in zip(blks, acc, s8):
+            for blk, ar, sr in zip(blks, acc if j % 2 == 0 else acc2, s8):
                 q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
                 w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
                 for xvt, ac, s in zip(xv, ar, sr):
                     f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xvt), V16F)
                     _fma_to(builder, ac, f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8))
-    return [[builder.fsub(hsum(builder, builder.load(ac)), hsum(builder, builder.load(ma))) for ac, ma in zip(ar, mr)]
-            for ar, mr in zip(acc, macc)]
+    return [[builder.fsub(hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))), hsum(builder, builder.load(ma)))
+             for ac, a2, ma in zip(ar, ar2, mr)] for ar, ar2, mr in zip(acc, acc2, macc)]
 
 
 @_row_intrinsic
 def _row_q6_k(builder, isa, rows, nb, toks, fetch):
     acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    acc2 = [[_acc(builder, V16F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
 
     def c32(n):
         return const_vec(8, [n] * 32)
@@ -231,12 +235,13 @@ def _row_q6_k(builder, isa, rows, nb, toks, fetch):
                 elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
                 xv = [_xv(builder, x, elem) for x in toks]
                 init = [builder.shl(_x4(builder, x, elem), const_vec(32, [5] * 16)) for x in toks]  # -32 * sum(x)
-                for e, ar, sr in zip(es, acc, s16):
+                for e, ar, sr in zip(es, acc if grp % 2 == 0 else acc2, s16):
                     w = concat(builder, e[2 * g], e[2 * g + 1])
                     for xvt, it, ac, s in zip(xv, init, ar, sr):
                         f = builder.sitofp(dp4x2(builder, isa, it, w, xvt), V16F)
                         _fma_to(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
-    return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
+    return [[hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))) for ac, a2 in zip(ar, ar2)]
+            for ar, ar2 in zip(acc, acc2)]
 
 
 def _halves(builder, blk, off):
@@ -355,10 +360,11 @@ def _row_q2_k(builder, isa, rows, nb, toks, fetch):
 def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
     weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
-    signed_shift: the offset's log2 for unsigned quants (q - 2^shift)."""
-    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    signed_shift: the offset's log2 for unsigned quants (q - 2^shift). Pairs 2i and 2i + 1 go
+    into two accumulators (two fma chains per row), a last pair and a lone block into the first."""
+    accs = [[[_acc(builder, V16F) for _ in toks] for _ in rows] for _ in range(2)]
 
-    def pair(i, lone):
+    def pair(i, lone, acc):
         b0 = builder.mul(i, _i64(2))
         elem = builder.mul(b0, _i64(32))
         xv = [_xv(builder, x, elem) for x in toks]
@@ -385,12 +391,16 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
                 s = builder.fmul(dw, dxt)  # (d0 dx0, d1 dx1)
                 _fma_to(builder, ac, builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8))
 
-    with cgutils.for_range(builder, builder.sdiv(nb, _i64(2))) as loop:
-        pair(loop.index, False)
-    odd = builder.icmp_signed("!=", builder.srem(nb, _i64(2)), _i64(0))
-    with builder.if_then(odd, likely=False):
-        pair(builder.sdiv(nb, _i64(2)), True)
-    return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
+    with cgutils.for_range(builder, builder.sdiv(nb, _i64(4))) as loop:
+        pair(builder.mul(loop.index, _i64(2)), False, accs[0])
+        pair(builder.add(builder.mul(loop.index, _i64(2)), _i64(1)), False, accs[1])
+    last = builder.mul(builder.sdiv(nb, _i64(4)), _i64(2))  # the pair after those
+    with builder.if_then(builder.icmp_signed(">=", builder.srem(nb, _i64(4)), _i64(2)), likely=False):
+        pair(last, False, accs[0])
+    with builder.if_then(builder.icmp_signed("!=", builder.srem(nb, _i64(2)), _i64(0)), likely=False):
+        pair(builder.sdiv(nb, _i64(2)), True, accs[0])
+    return [[hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))) for ac, a2 in zip(ar, ar2)]
+            for ar, ar2 in zip(*accs)]
 
 
 @_row_intrinsic
