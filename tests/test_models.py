@@ -1,5 +1,5 @@
 """The three shipped models: the fast kernels against the exact path, judged by llama.cpp's own
-distance from it (DEVELOPERS.md, "The accuracy rule").
+distance from it (the accuracy rule of the CPU kernels v2 issue).
 
 The exact path is `--backend numpy`: float32 products over the dequantized GGUF weights.
 llama.cpp's reference (tests/data/reference/llamacpp-*.json: its prompts, 32 greedy tokens and
