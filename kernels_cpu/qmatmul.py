@@ -40,7 +40,8 @@ from . import qmatmul_tiles as tiles
 from . import simd, sparse, threads
 from .jit import specialize
 from .qmatmul_ref import dequantize_rows as _dequantize_ref
-from .qmatmul_rows import NO_PREFETCH, quantize_block, _row_q2_k, _row_q3_k, _row_q4_0, _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0
+from .qmatmul_rows import (NO_PREFETCH, _row_q2_k, _row_q3_k, _row_q4_0, _row_q4_k, _row_q5_0, _row_q6_k, _row_q8_0,
+                           quantize_block)
 from .threads import ARGS, finish, take, voidptr
 
 F32 = np.float32
@@ -239,7 +240,8 @@ def _task(board, epoch):
     use_tiles = t_n > tiles.TILE_T
     k_s = kp if use_tiles else 0  # (tiles' scratch: packed rows and their results)
     scratch = (np.empty(k_s * tiles.ROWS, np.uint8), np.empty(k_s // 16 * tiles.ROWS, np.float32),
-               np.empty(k_s // 16 * tiles.ROWS, np.float32), np.empty(t_n * tiles.ROWS if use_tiles else 0, np.float32),
+               np.empty(k_s // 16 * tiles.ROWS, np.float32),
+               np.empty(t_n * tiles.ROWS if use_tiles else 0, np.float32),
                numba.carray(voidptr(board[_A_X16]), (t_n, k_s // 16), np.int32),
                numba.carray(voidptr(board[_A_X32]), (t_n, k_s // 32), np.int32))
     while True:
@@ -388,7 +390,8 @@ def matmul(w: Weight, x: np.ndarray, isa: int | None = None) -> np.ndarray:
 
 def describe() -> str:
     return (f"15-bit activations as two int8 parts on {simd.NAMES[simd.chosen()]}, up to {SMALL_T} tokens per row pass, "
-            f"prompts over {tiles.TILE_T} tokens in packed 32-row tiles; straight from GGUF blocks; threads {threads.describe()}")
+            f"prompts over {tiles.TILE_T} tokens in packed 32-row tiles; straight from GGUF blocks; "
+            f"threads {threads.describe()}")
 
 
 def set_threads(n: int | str) -> None:

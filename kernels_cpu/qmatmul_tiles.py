@@ -67,7 +67,8 @@ def _i64(n):
 def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, groups, sub, off, mins, isa):
     """Rows 0..31 of a packed tile against tokens t0 .. t0 + ntok - 1, over the nsub sub-blocks
     from s0; row i's result for token t0 + c at y[c * 32 + i], where a call with s0 > 0 finds
-    the one of the sub-blocks before s0 to go on from (the chain is the same as in one call); xo (T, Kp / S) int32: minus each token's sums of v per sub-block
+    the one of the sub-blocks before s0 to go on from (the chain is the same as in one call);
+    xo (T, Kp / S) int32: minus each token's sums of v per sub-block
     (`sums`). ntok, groups (the 16-row groups: 3 both, 1 the first, 2 the second),
     sub (S), off (OFF), mins (0/1) and isa are literals."""
     lits = (ntok, groups, sub, off, mins, isa)
