@@ -24,7 +24,7 @@ per row, with no horizontal sums. Per sub-block, row and token, in this order:
 | Q8_0 | 32 | q + 128 (0..255) | 128 | on AVX2, signed q through simd.dp4_signed, OFF 0 |
 
 The integers are those of the row kernels; only the float order differs (one chain over the
-sub-blocks instead of 16 lanes and a tree), so a prompt token's row is within float rounding of
+sub-blocks instead of the row kernels' lanes and tree), so a prompt token's row is within float rounding of
 its decode row, not the same bits. Products of T <= TILE_T tokens (decode, speculative
 verification, batched decode of parallel requests) never come here and stay batch-invariant; a
 token's tile result depends only on its own x (any tokens, rows or threads around it).
@@ -47,10 +47,7 @@ ROWS = 32  # rows per tile: two 16-lane groups
 NT = 8  # tokens per kernel call, against one 16-row group (8 int32 accumulator pairs, 8 float ones)
 K_CHUNK = 2048  # elements per pass over the tokens: 8 tokens' activations (32 KB) stay in L1
 TILE_T = 16  # prompt products of more tokens than this go through tiles
-# type codes as qmatmul's
-Q4_K, Q6_K, Q8_0, Q5_0 = 0, 1, 2, 3
-SUB = {Q4_K: 32, Q6_K: 16, Q8_0: 32, Q5_0: 32}
-OFF = {Q4_K: 0, Q6_K: 32, Q8_0: 128, Q5_0: 16}
+Q4_K, Q6_K, Q8_0, Q5_0 = 0, 1, 2, 3  # type codes as qmatmul's (which passes each type's S and OFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
