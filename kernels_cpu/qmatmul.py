@@ -323,9 +323,17 @@ class _Plan:
                                 w.k // BLOCK[w.ggml_type], self.cols[i], w.n)
         self.bytes = sum(w.raw.size for w in ws)
         item = max(16 << 10, min(_ITEM_BYTES, self.bytes // (4 * threads.max_count())))
-        cuts = [np.arange(0, w.n, max(16, item // w.raw.shape[1]), dtype=np.int64) for w in ws]
-        self.item_w = np.concatenate([np.full(c.size, i, np.int64) for i, c in enumerate(cuts)])
-        self.item_r = np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
+        # work items: rows by bytes for decode; whole 32-row tiles for prompts (a 35-row item
+        # would pack a second tile for 3 rows: Q6_K 1536x8960 at 512 tokens ran at half speed)
+        self.items = [self._items(ws, [max(16, item // w.raw.shape[1]) for w in ws]),
+                      self._items(ws, [max(1, item // w.raw.shape[1] // tiles.ROWS) * tiles.ROWS for w in ws])]
+
+    @staticmethod
+    def _items(ws: list[Weight], step: list[int]):
+        """(item_w (n,) weight index, item_r (2, n) first and end row) cutting each w every step rows."""
+        cuts = [np.arange(0, w.n, s, dtype=np.int64) for w, s in zip(ws, step)]
+        item_w = np.concatenate([np.full(c.size, i, np.int64) for i, c in enumerate(cuts)])
+        return item_w, np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
         xq, xd, xs, x4n = quantize_x(x)
@@ -337,10 +345,11 @@ class _Plan:
             tiles.sums(x4n.reshape(-1), x16, x32)
         out = np.empty(t_n * int(self.cols[-1]), F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
         task = kernel(isa)
-        n = self.item_w.shape[0]
+        item_w, item_r = self.items[tiled]
+        n = item_w.shape[0]
 
         def write(board):
-            _write_args(board, xq, xd, xs, x4n, out, self.desc, self.item_w, self.item_r, x16, x32)
+            _write_args(board, xq, xd, xs, x4n, out, self.desc, item_w, item_r, x16, x32)
 
         def alone():
             board = np.zeros(threads.BOARD, np.int64)
