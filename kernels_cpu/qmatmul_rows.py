@@ -151,6 +151,14 @@ def _lanes(builder, s, idx):
 ZERO16 = const_vec(32, [0] * 16)
 
 
+def _nibbles(builder, blk, off):
+    """The 32 bytes at blk + off as <64 x i8>: their low nibbles, then their high nibbles (one
+    broadcast load, one variable dword shift, one mask: no shift and insert per half)."""
+    v = builder.bitcast(_halves(builder, blk, off), vec(32, 16))
+    v = builder.lshr(v, const_vec(32, [0] * 8 + [4] * 8))
+    return builder.and_(builder.bitcast(v, vec(8, 64)), const_vec(8, [15] * 64))
+
+
 @_row_intrinsic
 def _row_q4_k(builder, isa, rows, nb, toks, fetch):
     acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
@@ -170,7 +178,9 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
             blk = builder.gep(row, [builder.mul(b, _i64(144))])
             if fetch:
                 _prefetch(builder, blk, 144)
-            d, dmin = f16_to_f32(builder, blk, _i64(0)), f16_to_f32(builder, blk, _i64(2))
+            # d and dmin as one vector (two scalar half loads become vpinsrw into a register whose
+            # last writer is the mins' accumulator: a false dependency chaining every block)
+            dd = builder.fpext(load_vec(builder, blk, _i64(0), ir.VectorType(ir.HalfType(), 2)), V2F)
             v = load_vec(builder, blk, _i64(4), vec(8, 16))  # the 12 scale bytes (and 4 of the quants)
             a = shuffle(builder, v, v, [0, 1, 2, 3, 8, 9, 10, 11])
             lo = shuffle(builder, v, v, [0, 1, 2, 3, 0, 1, 2, 3])
@@ -179,8 +189,8 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
                                 builder.or_(builder.and_(a, c8(15)), builder.shl(builder.lshr(lo, c8(6)), c8(4))))
             mn = builder.select(low4, builder.and_(mid, c8(63)),
                                 builder.or_(builder.lshr(a, c8(4)), builder.shl(builder.lshr(mid, c8(6)), c8(4))))
-            dsc = builder.fmul(builder.uitofp(sc, V8F), splat(builder, d, 8))
-            dmn = builder.fmul(builder.uitofp(mn, V8F), splat(builder, dmin, 8))
+            dsc = builder.fmul(builder.uitofp(sc, V8F), shuffle(builder, dd, dd, [0] * 8))
+            dmn = builder.fmul(builder.uitofp(mn, V8F), shuffle(builder, dd, dd, [1] * 8))
             s8.append([builder.fmul(dsc, dxt) for dxt in dx])  # (d * sc_j) * dx_j
             for ma, xst in zip(mr, xs):
                 _add_to(builder, ma, builder.fmul(dmn, xst))
@@ -189,8 +199,7 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
             xv = [_xv(builder, x, elem) for x in toks]
             for blk, ar, sr in zip(blks, acc if j % 2 == 0 else acc2, s8):
-                q = load_vec(builder, blk, _i64(16 + 32 * j), vec(8, 32))
-                w = concat(builder, builder.and_(q, const_vec(8, [15] * 32)), builder.lshr(q, const_vec(8, [4] * 32)))
+                w = _nibbles(builder, blk, _i64(16 + 32 * j))
                 for xvt, ac, s in zip(xv, ar, sr):
                     f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xvt), V16F)
                     _fma_to(builder, ac, f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8))
@@ -357,9 +366,24 @@ def _row_q2_k(builder, isa, rows, nb, toks, fetch):
     return _k16(builder, isa, rows, nb, toks, fetch, 84, scales, weights, None)
 
 
+def _d_pair(builder, blk0, blk1):
+    """<2 x float> (d0, d1): the float16 scales at the start of two blocks (blk1 None: d1 = 0),
+    from two 4-byte vector loads (scalar half loads become vpinsrw into whatever register is
+    at hand: a false dependency on its last writer, here the fma accumulator, which chained the
+    pairs one after the other: Q5_0 4096x896 on one thread 28 -> G weights/s on Zen 5)."""
+    v2h = ir.VectorType(ir.HalfType(), 2)
+    a = load_vec(builder, blk0, _i64(0), v2h)
+    b = ir.Constant(v2h, None) if blk1 is None else load_vec(builder, blk1, _i64(0), v2h)
+    d = builder.fpext(shuffle(builder, a, b, [0, 2]), V2F)
+    if blk1 is None:
+        d = builder.insert_element(d, ir.Constant(F32, 0.0), ir.Constant(simd.I32, 1))
+    return d
+
+
 def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed_shift):
     """The 32-block types: two blocks per 64-lane product, a lone last block against zeros.
-    weights(blk_ptr) -> <32 x i8> quants (unsigned, or signed when signed_shift is None);
+    weights(blk0, blk1) -> <64 x i8>: the two blocks' quants (unsigned, or signed when
+    signed_shift is None), blk1 None for a lone block (its quants zero);
     signed_shift: the offset's log2 for unsigned quants (q - 2^shift). Pairs 2i and 2i + 1 go
     into two accumulators (two fma chains per row), a last pair and a lone block into the first."""
     accs = [[[_acc(builder, V16F) for _ in toks] for _ in rows] for _ in range(2)]
@@ -376,13 +400,8 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
             blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
             if fetch:
                 _prefetch(builder, blk0, 2 * bytes_per_block)
-            w0 = weights(blk0)
-            w1 = ir.Constant(w0.type, [0] * 32) if lone else weights(blk1)
-            w = concat(builder, w0, w1)
-            d0 = f16_to_f32(builder, blk0, _i64(0))
-            d1 = ir.Constant(F32, 0.0) if lone else f16_to_f32(builder, blk1, _i64(0))
-            dw = builder.insert_element(builder.insert_element(ir.Constant(V2F, None), d0, ir.Constant(simd.I32, 0)),
-                                        d1, ir.Constant(simd.I32, 1))
+            w = weights(blk0, None if lone else blk1)
+            dw = _d_pair(builder, blk0, None if lone else blk1)
             for xvt, x4t, dxt, ac in zip(xv, x4, dx, ar):
                 if signed_shift is None:
                     dots = dp4x2(builder, isa, ZERO16, w, xvt, signed=True, x4n=x4t)
@@ -405,26 +424,38 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
 
 @_row_intrinsic
 def _row_q8_0(builder, isa, rows, nb, toks, fetch):
-    return _pairs(builder, isa, rows, nb, toks, fetch, 34, lambda blk: load_vec(builder, blk, _i64(2), vec(8, 32)), None)
+    def weights(blk0, blk1):
+        w0 = load_vec(builder, blk0, _i64(2), vec(8, 32))
+        return concat(builder, w0, ir.Constant(w0.type, [0] * 32) if blk1 is None else load_vec(builder, blk1, _i64(2), vec(8, 32)))
+    return _pairs(builder, isa, rows, nb, toks, fetch, 34, weights, None)
+
+
+def _nibble_pair(builder, blk0, blk1, off):
+    """<64 x i8>: the low then the high nibbles of the 16 bytes at blk0 + off, then those of
+    blk1 + off (zeros when blk1 is None). Each half is broadcast and both are shifted as qwords
+    (by 0 or 4) and masked at once: no shift, mask and insert per block."""
+    a = load_vec(builder, blk0, off, vec(8, 16))
+    b = ir.Constant(a.type, [0] * 16) if blk1 is None else load_vec(builder, blk1, off, vec(8, 16))
+    v = builder.bitcast(shuffle(builder, a, b, list(range(16)) * 2 + list(range(16, 32)) * 2), vec(64, 8))
+    v = builder.lshr(v, const_vec(64, [0, 0, 4, 4, 0, 0, 4, 4]))
+    return builder.and_(builder.bitcast(v, vec(8, 64)), const_vec(8, [15] * 64))
 
 
 @_row_intrinsic
 def _row_q5_0(builder, isa, rows, nb, toks, fetch):
-    def weights(blk):
-        qs = load_vec(builder, blk, _i64(6), vec(8, 16))
-        e = concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
-        qh = builder.load(builder.bitcast(builder.gep(blk, [_i64(2)]), ir.IntType(32).as_pointer()), align=1)
-        fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), vec(8, 32))  # bit i: element i
-        return builder.or_(e, builder.shl(fifth, const_vec(8, [4] * 32)))
+    def weights(blk0, blk1):
+        def qh(blk):  # bit i: element i's fifth bit
+            return builder.zext(builder.load(builder.bitcast(builder.gep(blk, [_i64(2)]), ir.IntType(32).as_pointer()),
+                                             align=1), ir.IntType(64))
+        bits = qh(blk0) if blk1 is None else builder.or_(qh(blk0), builder.shl(qh(blk1), ir.Constant(ir.IntType(64), 32)))
+        fifth = builder.zext(builder.bitcast(bits, ir.VectorType(ir.IntType(1), 64)), vec(8, 64))
+        return builder.or_(_nibble_pair(builder, blk0, blk1, _i64(6)), builder.shl(fifth, const_vec(8, [4] * 64)))
     return _pairs(builder, isa, rows, nb, toks, fetch, 22, weights, 4)
 
 
 @_row_intrinsic
 def _row_q4_0(builder, isa, rows, nb, toks, fetch):
-    def weights(blk):
-        qs = load_vec(builder, blk, _i64(2), vec(8, 16))
-        return concat(builder, builder.and_(qs, const_vec(8, [15] * 16)), builder.lshr(qs, const_vec(8, [4] * 16)))
-    return _pairs(builder, isa, rows, nb, toks, fetch, 18, weights, 3)
+    return _pairs(builder, isa, rows, nb, toks, fetch, 18, lambda blk0, blk1: _nibble_pair(builder, blk0, blk1, _i64(2)), 3)
 
 
 @intrinsic
