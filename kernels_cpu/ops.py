@@ -106,6 +106,7 @@ def _rope(x, pos, cs, sn, neox, n_rot, out):  # x (T, H, Dh), pos (T,), out (T, 
 
 
 _ROPE_TABLES: dict = {}  # (theta_scale, freq_scale, n_rot) -> (cos, sin) (P, n_rot / 2) float32
+_ROPE_SCALES: dict = {}  # (theta_base, n_rot, freq_scale) -> (theta_scale, freq_scale) float32
 
 
 def _rope_table(ts, fs, n_rot: int, p_max: int):
@@ -135,9 +136,14 @@ def rope(x, positions, theta_base, neox, n_rot=None, freq_scale=1.0):
     if n_rot % 2 or not 0 < n_rot <= x.shape[-1]:
         raise ValueError(f"rope: n_rot={n_rot} must be even and within head_dim={x.shape[-1]}")
     pos = np.ascontiguousarray(positions, dtype=np.int64)
-    if pos.size and (pos.min() < 0 or pos.max() >= 1 << 24):
+    lo, hi = (int(pos[0]), int(pos[0])) if pos.size == 1 else (int(pos.min()), int(pos.max())) if pos.size else (0, 0)
+    if lo < 0 or hi >= 1 << 24:
         raise ValueError(f"rope: positions must be in 0..{(1 << 24) - 1}")
-    cs, sn = _rope_table(rope_theta_scale(theta_base, n_rot), F32(freq_scale), n_rot, int(pos.max()) if pos.size else 0)
+    key = (theta_base, n_rot, freq_scale)
+    scales = _ROPE_SCALES.get(key)
+    if scales is None:  # (a decode step's rope is mostly this Python: looked up, not recomputed)
+        scales = _ROPE_SCALES[key] = (rope_theta_scale(theta_base, n_rot), F32(freq_scale))
+    cs, sn = _rope_table(*scales, n_rot, hi)
     out = np.empty_like(x)
     _rope(x, pos, cs, sn, bool(neox), n_rot, out)
     return out

@@ -29,6 +29,7 @@ reference (quant/) and multiplied by BLAS.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,16 +102,27 @@ def _quantize_x(x, xq, xd, xs, x4n):
             quantize_block(xr, 32 * b, qr, 64 * b - (32 * b) % 64, dr, sr, nr, b)
 
 
-def quantize_x(x: np.ndarray):
-    """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the row kernels read them."""
+def quantize_x(x: np.ndarray, reuse: bool = False):
+    """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the row kernels read them.
+    reuse: into this thread's buffers for (T, K) when T <= SMALL_T (overwritten by its next
+    call: for a product that is done with them when it returns; a decode step's four products
+    per layer then allocate nothing)."""
     t_n, k = x.shape
-    kp = -(-k // 64) * 64
-    xq = np.zeros((t_n, 2 * kp), np.int8)
-    xd = np.zeros((t_n, kp // 32), F32)
-    xs = np.zeros((t_n, kp // 32), F32)
-    x4n = np.zeros((t_n, kp // 4), I32)
-    _quantize_x(x, xq, xd, xs, x4n)
-    return xq, xd, xs, x4n
+    key = (threading.get_ident(), t_n, k) if reuse and t_n <= SMALL_T else None
+    bufs = _X_BUFFERS.get(key) if key is not None else None
+    if bufs is None:
+        kp = -(-k // 64) * 64
+        bufs = (np.zeros((t_n, 2 * kp), np.int8), np.zeros((t_n, kp // 32), F32), np.zeros((t_n, kp // 32), F32),
+                np.zeros((t_n, kp // 4), I32))  # (the padding K..Kp stays zero)
+        if key is not None:
+            if len(_X_BUFFERS) >= 256:  # (threads come and go: keep a bounded set)
+                _X_BUFFERS.clear()
+            _X_BUFFERS[key] = bufs
+    _quantize_x(x, *bufs)
+    return bufs
+
+
+_X_BUFFERS: dict = {}  # (thread, T, K) -> quantize_x's arrays, for reuse
 
 
 # ---- decode kernels -----------------------------------------------------------------------------
@@ -311,6 +323,9 @@ def _flat(raw: np.ndarray) -> np.ndarray:
     return raw.reshape(-1) if raw.flags.c_contiguous else np.ascontiguousarray(raw).reshape(-1)
 
 
+_NONE = np.empty(0, I32)  # the tiles' sums when a product has no tiles
+
+
 class _Plan:
     """What a decode product over a group of weights needs besides x, built once per group."""
 
@@ -336,11 +351,11 @@ class _Plan:
         return item_w, np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
-        xq, xd, xs, x4n = quantize_x(x)
+        xq, xd, xs, x4n = quantize_x(x, reuse=True)
         t_n = x.shape[0]
         tiled = t_n > tiles.TILE_T
-        x16 = np.empty(x4n.size // 4 if tiled else 0, I32)
-        x32 = np.empty(x4n.size // 8 if tiled else 0, I32)
+        x16 = np.empty(x4n.size // 4, I32) if tiled else _NONE
+        x32 = np.empty(x4n.size // 8, I32) if tiled else _NONE
         if tiled:
             tiles.sums(x4n.reshape(-1), x16, x32)
         out = np.empty(t_n * int(self.cols[-1]), F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
