@@ -587,6 +587,44 @@ def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
             out[h, d] *= inv
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _scores4(qr, kb, c0, c1, scale, softcap, s):
+    """s[c] = _score(qr, kb[c]) for keys c0..c1, four keys per pass over qr (one load of each
+    of its vectors serves four dot products: 1.5B's prefill attention was ~35 G flop/s)."""
+    c = c0
+    while c + 3 <= c1:
+        s0 = s1 = s2 = s3 = F32(0.0)
+        for d in range(qr.shape[0]):
+            x = qr[d]
+            s0 += x * kb[c, d]
+            s1 += x * kb[c + 1, d]
+            s2 += x * kb[c + 2, d]
+            s3 += x * kb[c + 3, d]
+        for i, v in enumerate((s0, s1, s2, s3)):
+            v *= scale
+            s[c + i] = softcap * math.tanh(v / softcap) if softcap > 0 else v
+        c += 4
+    while c <= c1:
+        s[c] = _score(qr, kb[c], scale, softcap)
+        c += 1
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _accumulate4(a, e, vb, c0, c1):
+    """a (Dh,) += sum over keys c0..c1 of e[c] * vb[c], four keys per pass over a."""
+    c = c0
+    while c + 3 <= c1:
+        e0, e1, e2, e3 = e[c], e[c + 1], e[c + 2], e[c + 3]
+        for d in range(a.shape[0]):
+            a[d] = a[d] + e0 * vb[c, d] + e1 * vb[c + 1, d] + e2 * vb[c + 2, d] + e3 * vb[c + 3, d]
+        c += 4
+    while c <= c1:
+        e0 = e[c]
+        for d in range(a.shape[0]):
+            a[d] += e0 * vb[c, d]
+        c += 1
+
+
 @njit(cache=True, fastmath=_FM)
 def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
     """Flash-style online softmax for queries t0..t1-1 and the G query heads of kv head kvh.
@@ -620,9 +658,9 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
             if c1 < c0:
                 continue
             qr = q[t, h0 + r % G]
+            _scores4(qr, kb, c0, c1, scale, softcap, s)
             bm = -np.inf
             for c in range(c0, c1 + 1):
-                s[c] = _score(qr, kb[c], scale, softcap)
                 bm = max(bm, s[c])
             m_new = max(m[r], bm)
             alpha = math.exp(m[r] - m_new)
@@ -636,10 +674,7 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
                 s[c] = e
                 ls += e
             l[r] += ls
-            for c in range(c0, c1 + 1):
-                e = s[c]
-                for d in range(Dh):
-                    a[d] += e * vb[c, d]
+            _accumulate4(a, s, vb, c0, c1)
             m[r] = m_new
     for r in range(R):
         inv = F32(1.0) / l[r]
