@@ -587,6 +587,11 @@ def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
             out[h, d] *= inv
 
 
+@njit(cache=True, inline="always")
+def _cap(s, softcap):
+    return softcap * math.tanh(s / softcap) if softcap > 0 else s
+
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _scores4(qr, kb, c0, c1, scale, softcap, s):
     """s[c] = _score(qr, kb[c]) for keys c0..c1, four keys per pass over qr (one load of each
@@ -600,13 +605,62 @@ def _scores4(qr, kb, c0, c1, scale, softcap, s):
             s1 += x * kb[c + 1, d]
             s2 += x * kb[c + 2, d]
             s3 += x * kb[c + 3, d]
-        for i, v in enumerate((s0, s1, s2, s3)):
-            v *= scale
-            s[c + i] = softcap * math.tanh(v / softcap) if softcap > 0 else v
+        s[c], s[c + 1], s[c + 2], s[c + 3] = (_cap(s0 * scale, softcap), _cap(s1 * scale, softcap),
+                                              _cap(s2 * scale, softcap), _cap(s3 * scale, softcap))
         c += 4
     while c <= c1:
         s[c] = _score(qr, kb[c], scale, softcap)
         c += 1
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _scores4x2(qa, qb, kb, c0, c1, scale, softcap, sa, sb):
+    """_scores4 for two query rows at once (two heads of one token: the same keys), each key
+    vector loaded once for both."""
+    c = c0
+    while c + 3 <= c1:
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = F32(0.0)
+        for d in range(qa.shape[0]):
+            x, y = qa[d], qb[d]
+            k0, k1, k2, k3 = kb[c, d], kb[c + 1, d], kb[c + 2, d], kb[c + 3, d]
+            a0 += x * k0
+            a1 += x * k1
+            a2 += x * k2
+            a3 += x * k3
+            b0 += y * k0
+            b1 += y * k1
+            b2 += y * k2
+            b3 += y * k3
+        sa[c], sa[c + 1], sa[c + 2], sa[c + 3] = (_cap(a0 * scale, softcap), _cap(a1 * scale, softcap),
+                                                  _cap(a2 * scale, softcap), _cap(a3 * scale, softcap))
+        sb[c], sb[c + 1], sb[c + 2], sb[c + 3] = (_cap(b0 * scale, softcap), _cap(b1 * scale, softcap),
+                                                  _cap(b2 * scale, softcap), _cap(b3 * scale, softcap))
+        c += 4
+    while c <= c1:
+        sa[c] = _score(qa, kb[c], scale, softcap)
+        sb[c] = _score(qb, kb[c], scale, softcap)
+        c += 1
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _online(s, c0, c1, m, l, a, r):
+    """Row r's online-softmax step over its scores s[c0..c1] of a key block: the running max
+    m[r], sum l[r] and accumulator a rescaled, s[c] -> exp(s[c] - max)."""
+    bm = -np.inf
+    for c in range(c0, c1 + 1):
+        bm = max(bm, s[c])
+    m_new = max(m[r], bm)
+    alpha = math.exp(m[r] - m_new)
+    l[r] *= alpha
+    for d in range(a.shape[0]):
+        a[d] *= alpha
+    ls = F32(0.0)
+    for c in range(c0, c1 + 1):  # straight-line: vectorized
+        e = _exp(s[c] - m_new)
+        s[c] = e
+        ls += e
+    l[r] += ls
+    m[r] = m_new
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -625,6 +679,26 @@ def _accumulate4(a, e, vb, c0, c1):
         c += 1
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _accumulate4x2(aa, ab, ea, eb, vb, c0, c1):
+    """_accumulate4 for two rows at once, each value vector loaded once for both."""
+    c = c0
+    while c + 3 <= c1:
+        x0, x1, x2, x3 = ea[c], ea[c + 1], ea[c + 2], ea[c + 3]
+        y0, y1, y2, y3 = eb[c], eb[c + 1], eb[c + 2], eb[c + 3]
+        for d in range(aa.shape[0]):
+            v0, v1, v2, v3 = vb[c, d], vb[c + 1, d], vb[c + 2, d], vb[c + 3, d]
+            aa[d] = aa[d] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3
+            ab[d] = ab[d] + y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3
+        c += 4
+    while c <= c1:
+        x0, y0 = ea[c], eb[c]
+        for d in range(aa.shape[0]):
+            aa[d] += x0 * vb[c, d]
+            ab[d] += y0 * vb[c, d]
+        c += 1
+
+
 @njit(cache=True, fastmath=_FM)
 def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
     """Flash-style online softmax for queries t0..t1-1 and the G query heads of kv head kvh.
@@ -640,7 +714,7 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
     acc = np.zeros((R, Dh), dtype=F32)
     kb = np.empty((_BK, Dh), dtype=F32)
     vb = np.empty((_BK, Dh), dtype=F32)
-    s = np.empty(_BK, dtype=F32)
+    s, s2 = np.empty(_BK, dtype=F32), np.empty(_BK, dtype=F32)
     jlo, jhi = pos[t0], pos[t0]
     for t in range(t0, t1):
         jlo = min(jlo, _first_key(pos[t], window))
@@ -651,31 +725,22 @@ def _prefill_item(q, k, v, pos, scale, window, softcap, cap, kvh, t0, t1, out):
             j = b0 + c
             _load_row(k, j % cap if cap > 0 else j, kvh, kb[c])
             _load_row(v, j % cap if cap > 0 else j, kvh, vb[c])
-        for r in range(R):
-            t = t0 + r // G
+        r = 0
+        while r < R:  # a token's heads two at a time (they read the same keys)
+            t, h = t0 + r // G, h0 + r % G
+            two = r % G + 1 < G
             c0 = max(b0, _first_key(pos[t], window)) - b0
             c1 = min(b0 + nb - 1, pos[t]) - b0
-            if c1 < c0:
-                continue
-            qr = q[t, h0 + r % G]
-            _scores4(qr, kb, c0, c1, scale, softcap, s)
-            bm = -np.inf
-            for c in range(c0, c1 + 1):
-                bm = max(bm, s[c])
-            m_new = max(m[r], bm)
-            alpha = math.exp(m[r] - m_new)
-            l[r] *= alpha
-            a = acc[r]
-            for d in range(Dh):
-                a[d] *= alpha
-            ls = F32(0.0)
-            for c in range(c0, c1 + 1):  # straight-line: vectorized
-                e = _exp(s[c] - m_new)
-                s[c] = e
-                ls += e
-            l[r] += ls
-            _accumulate4(a, s, vb, c0, c1)
-            m[r] = m_new
+            if c1 >= c0 and two:
+                _scores4x2(q[t, h], q[t, h + 1], kb, c0, c1, scale, softcap, s, s2)
+                _online(s, c0, c1, m, l, acc[r], r)
+                _online(s2, c0, c1, m, l, acc[r + 1], r + 1)
+                _accumulate4x2(acc[r], acc[r + 1], s, s2, vb, c0, c1)
+            elif c1 >= c0:
+                _scores4(q[t, h], kb, c0, c1, scale, softcap, s)
+                _online(s, c0, c1, m, l, acc[r], r)
+                _accumulate4(acc[r], s, vb, c0, c1)
+            r += 2 if two else 1
     for r in range(R):
         inv = F32(1.0) / l[r]
         for d in range(Dh):
