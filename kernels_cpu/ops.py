@@ -501,92 +501,6 @@ def _first_key(p, window):
     return max(0, p - window + 1) if window > 0 else 0
 
 
-@njit(cache=True, fastmath=_FM)
-def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, acc_part):
-    """Keys j0..j1-1 of kv head kvh for its G query heads, into partial softmax state c.
-
-    q # (Hq, Dh); k, v # (S, Hkv, Dh); m_part, l_part # (Hq, n_chunks); acc_part # (n_chunks, Hq, Dh)
-    """
-    G = q.shape[0] // _kv_heads(k)
-    h0 = kvh * G
-    n = j1 - j0
-    if n <= 0:  # an empty chunk (only with > 64 chunks) contributes nothing
-        for g in range(G):
-            m_part[h0 + g, c] = -np.inf
-            l_part[h0 + g, c] = 0.0
-            for d in range(q.shape[1]):
-                acc_part[c, h0 + g, d] = 0.0
-        return
-    sc = np.empty((G, n), dtype=F32)
-    row = np.empty(q.shape[1], dtype=F32)
-    for jj in range(n):
-        j = j0 + jj
-        _load_row(k, j % cap if cap > 0 else j, kvh, row)
-        for g in range(G):
-            sc[g, jj] = _score(q[h0 + g], row, scale, softcap)
-    for g in range(G):
-        m = sc[g, 0]
-        for jj in range(1, n):
-            m = max(m, sc[g, jj])
-        s = F32(0.0)
-        for jj in range(n):
-            e = _exp(sc[g, jj] - m)
-            sc[g, jj] = e
-            s += e
-        m_part[h0 + g, c] = m
-        l_part[h0 + g, c] = s
-        for d in range(q.shape[1]):
-            acc_part[c, h0 + g, d] = 0.0
-    for jj in range(n):
-        j = j0 + jj
-        _load_row(v, j % cap if cap > 0 else j, kvh, row)
-        for g in range(G):
-            a = acc_part[c, h0 + g]
-            w = sc[g, jj]
-            for d in range(row.shape[0]):
-                a[d] += w * row[d]
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
-    """One query at position p: split-K over (kv head, key chunk) items, then merge.
-
-    q, out # (Hq, Dh); k, v # (S, Hkv, Dh) float32 or uint16 (float16 bits)
-    """
-    Hq, Dh = q.shape
-    Hkv = _kv_heads(k)
-    lo = _first_key(p, window)
-    chunk = (p - lo + n_chunks) // n_chunks
-    m_part = np.empty((Hq, n_chunks), dtype=F32)
-    l_part = np.empty((Hq, n_chunks), dtype=F32)
-    acc_part = np.empty((n_chunks, Hq, Dh), dtype=F32)
-    if par:
-        for it in prange(Hkv * n_chunks):
-            j0 = lo + (it % n_chunks) * chunk
-            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
-                         cap, it % n_chunks, m_part, l_part, acc_part)
-    else:
-        for it in range(Hkv * n_chunks):
-            j0 = lo + (it % n_chunks) * chunk
-            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
-                         cap, it % n_chunks, m_part, l_part, acc_part)
-    for h in range(Hq):
-        m = m_part[h, 0]
-        for c in range(1, n_chunks):
-            m = max(m, m_part[h, c])
-        s = F32(0.0)
-        for d in range(Dh):  # explicit loops: an array expression here would become a parfor
-            out[h, d] = 0.0
-        for c in range(n_chunks):
-            w = math.exp(m_part[h, c] - m)
-            s += w * l_part[h, c]
-            for d in range(Dh):
-                out[h, d] += w * acc_part[c, h, d]
-        inv = F32(1.0) / s
-        for d in range(Dh):
-            out[h, d] *= inv
-
-
 @njit(cache=True, inline="always")
 def _cap(s, softcap):
     return softcap * math.tanh(s / softcap) if softcap > 0 else s
@@ -697,6 +611,105 @@ def _accumulate4x2(aa, ab, ea, eb, vb, c0, c1):
             aa[d] += x0 * vb[c, d]
             ab[d] += y0 * vb[c, d]
         c += 1
+
+
+@njit(cache=True, fastmath=_FM)
+def _decode_item(q, k, v, kvh, j0, j1, scale, softcap, cap, c, m_part, l_part, acc_part):
+    """Keys j0..j1-1 of kv head kvh for its G query heads, into partial softmax state c.
+
+    q # (Hq, Dh); k, v # (S, Hkv, Dh); m_part, l_part # (Hq, n_chunks); acc_part # (n_chunks, Hq, Dh)
+    """
+    G = q.shape[0] // _kv_heads(k)
+    h0 = kvh * G
+    n = j1 - j0
+    if n <= 0:  # an empty chunk (only with > 64 chunks) contributes nothing
+        for g in range(G):
+            m_part[h0 + g, c] = -np.inf
+            l_part[h0 + g, c] = 0.0
+            for d in range(q.shape[1]):
+                acc_part[c, h0 + g, d] = 0.0
+        return
+    sc = np.empty((G, n), dtype=F32)
+    kb = np.empty((min(n, _BK), q.shape[1]), dtype=F32)
+    for b0 in range(0, n, _BK):  # keys in blocks, four at a time against two heads (as prefill)
+        nb = min(_BK, n - b0)
+        for i in range(nb):  # (c is this item's chunk)
+            j = j0 + b0 + i
+            _load_row(k, j % cap if cap > 0 else j, kvh, kb[i])
+        g = 0
+        while g < G:
+            if g + 1 < G:
+                _scores4x2(q[h0 + g], q[h0 + g + 1], kb, 0, nb - 1, scale, softcap, sc[g, b0:], sc[g + 1, b0:])
+                g += 2
+            else:
+                _scores4(q[h0 + g], kb, 0, nb - 1, scale, softcap, sc[g, b0:])
+                g += 1
+    for g in range(G):
+        m = sc[g, 0]
+        for jj in range(1, n):
+            m = max(m, sc[g, jj])
+        s = F32(0.0)
+        for jj in range(n):
+            e = _exp(sc[g, jj] - m)
+            sc[g, jj] = e
+            s += e
+        m_part[h0 + g, c] = m
+        l_part[h0 + g, c] = s
+        for d in range(q.shape[1]):
+            acc_part[c, h0 + g, d] = 0.0
+    for b0 in range(0, n, _BK):
+        nb = min(_BK, n - b0)
+        for i in range(nb):
+            j = j0 + b0 + i
+            _load_row(v, j % cap if cap > 0 else j, kvh, kb[i])
+        g = 0
+        while g < G:
+            if g + 1 < G:
+                _accumulate4x2(acc_part[c, h0 + g], acc_part[c, h0 + g + 1], sc[g, b0:], sc[g + 1, b0:], kb, 0, nb - 1)
+                g += 2
+            else:
+                _accumulate4(acc_part[c, h0 + g], sc[g, b0:], kb, 0, nb - 1)
+                g += 1
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _attn_decode(q, k, v, p, scale, window, softcap, cap, n_chunks, par, out):
+    """One query at position p: split-K over (kv head, key chunk) items, then merge.
+
+    q, out # (Hq, Dh); k, v # (S, Hkv, Dh) float32 or uint16 (float16 bits)
+    """
+    Hq, Dh = q.shape
+    Hkv = _kv_heads(k)
+    lo = _first_key(p, window)
+    chunk = (p - lo + n_chunks) // n_chunks
+    m_part = np.empty((Hq, n_chunks), dtype=F32)
+    l_part = np.empty((Hq, n_chunks), dtype=F32)
+    acc_part = np.empty((n_chunks, Hq, Dh), dtype=F32)
+    if par:
+        for it in prange(Hkv * n_chunks):
+            j0 = lo + (it % n_chunks) * chunk
+            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
+                         cap, it % n_chunks, m_part, l_part, acc_part)
+    else:
+        for it in range(Hkv * n_chunks):
+            j0 = lo + (it % n_chunks) * chunk
+            _decode_item(q, k, v, it // n_chunks, j0, min(j0 + chunk, p + 1), scale, softcap,
+                         cap, it % n_chunks, m_part, l_part, acc_part)
+    for h in range(Hq):
+        m = m_part[h, 0]
+        for c in range(1, n_chunks):
+            m = max(m, m_part[h, c])
+        s = F32(0.0)
+        for d in range(Dh):  # explicit loops: an array expression here would become a parfor
+            out[h, d] = 0.0
+        for c in range(n_chunks):
+            w = math.exp(m_part[h, c] - m)
+            s += w * l_part[h, c]
+            for d in range(Dh):
+                out[h, d] += w * acc_part[c, h, d]
+        inv = F32(1.0) / s
+        for d in range(Dh):
+            out[h, d] *= inv
 
 
 @njit(cache=True, fastmath=_FM)
