@@ -58,7 +58,7 @@ class SparseFFN:
         if x.ndim != 2 or x.shape[1] != self.k:
             raise ValueError(f"sparse FFN: x has shape {x.shape}, expected (T, {self.k})")
         t_n = x.shape[0]
-        xq, xd, xs, x4n = quantize_x(x)
+        xq, xd, xs, x4n = quantize_x(x, isa=isa)
         _, part, count, addr = self._buffers(t_n)
         sd = self._sd  # (calls are sequential: the engine runs one pass at a time)
         sd[sparse.S_XQ:sparse.S_X4 + 1] = (xq.ctypes.data, t_n, xq.shape[1] // 2, xd.ctypes.data, xs.ctypes.data,

@@ -8,7 +8,8 @@
 No packing and no copy: a resident weight is its file pages, a streamed one (offload/) is used the
 moment its bytes arrive, and both go through the same kernels.
 
-x is rounded per 32-element block to 15-bit integers carried as two int8 parts (`quantize_x`),
+x is rounded per 32-element block to 15-bit integers carried as two int8 parts (`quantize_x`;
+on AVX2 as int16, `simd.wide`),
 and each row meets up to 8 tokens in one call of a `qmatmul_rows` intrinsic on the CPU's int8
 dot-product instruction (`simd`): the row's blocks are unpacked once for all of them. Rows are
 split across threads in items taken from a shared counter. A prompt chunk of more than
@@ -89,25 +90,31 @@ def tile_rows(k: int) -> int:
 # ---- activations --------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _quantize_x(x, xq, xd, xs, x4n):
+def _quantize_x(x, xq, xd, xs, x4n, wide):
     """x (T, K) f32 -> xq (T, 2 Kp) i8, xd and xs (T, Kp/32) f32, x4n (T, Kp/4) i32 (module doc
     of qmatmul_rows); the padding (K..Kp) must be zero on entry and stays so. Per 32-block:
-    v = rint(x * 127 * 128 / amax) split as hi = rint(v / 128), lo = v - 128 hi; the block sum
-    in a fixed order (8 running sums of every 8th element, then their halves added pairwise).
+    v = rint(x * 127 * 128 / amax) split as hi = rint(v / 128), lo = v - 128 hi (wide: v as
+    int16 in simd.WIDE_ORDER, 64 bytes per block); the block sum in a fixed order (8 running
+    sums of every 8th element, then their halves added pairwise).
     One vector intrinsic per block (qmatmul_rows.quantize_block)."""
     t_n, k = x.shape
     for t in range(t_n):
         xr, qr, nr, dr, sr = x[t], xq[t], x4n[t], xd[t], xs[t]
         for b in range(k // 32):
-            quantize_block(xr, 32 * b, qr, 64 * b - (32 * b) % 64, dr, sr, nr, b)
+            if wide:
+                quantize_block(xr, 32 * b, qr, 64 * b, dr, sr, nr, b, 1)
+            else:
+                quantize_block(xr, 32 * b, qr, 64 * b - (32 * b) % 64, dr, sr, nr, b, 0)
 
 
-def quantize_x(x: np.ndarray, reuse: bool = False):
-    """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the row kernels read them.
+def quantize_x(x: np.ndarray, reuse: bool = False, isa: int | None = None):
+    """x f32 (T, K), K a multiple of 32 -> (xq, xd, xs, x4n) as the kernels of CPU path isa
+    (default: simd.chosen()) read them: xq as two int8 parts, or as int16 on a simd.wide path.
     reuse: into this thread's buffers for (T, K) when T <= SMALL_T (overwritten by its next
     call: for a product that is done with them when it returns; a decode step's four products
     per layer then allocate nothing)."""
     t_n, k = x.shape
+    wide = simd.wide(simd.chosen() if isa is None else isa)
     key = (threading.get_ident(), t_n, k) if reuse and t_n <= SMALL_T else None
     bufs = _X_BUFFERS.get(key) if key is not None else None
     if bufs is None:
@@ -118,7 +125,7 @@ def quantize_x(x: np.ndarray, reuse: bool = False):
             if len(_X_BUFFERS) >= 256:  # (threads come and go: keep a bounded set)
                 _X_BUFFERS.clear()
             _X_BUFFERS[key] = bufs
-    _quantize_x(x, *bufs)
+    _quantize_x(x, *bufs, wide)
     return bufs
 
 
@@ -351,7 +358,7 @@ class _Plan:
         return item_w, np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
-        xq, xd, xs, x4n = quantize_x(x, reuse=True)
+        xq, xd, xs, x4n = quantize_x(x, reuse=True, isa=isa)
         t_n = x.shape[0]
         tiled = t_n > tiles.TILE_T
         x16 = np.empty(x4n.size // 4, I32) if tiled else _NONE
@@ -413,7 +420,9 @@ def matmul(w: Weight, x: np.ndarray, isa: int | None = None) -> np.ndarray:
 
 
 def describe() -> str:
-    return (f"15-bit activations as two int8 parts on {simd.NAMES[simd.chosen()]}, up to {SMALL_T} tokens per row pass, "
+    isa = simd.chosen()
+    return (f"15-bit activations as {'int16' if simd.wide(isa) else 'two int8 parts'} on {simd.NAMES[isa]}, "
+            f"up to {SMALL_T} tokens per row pass, "
             f"prompts over {tiles.TILE_T} tokens in packed 32-row tiles; straight from GGUF blocks; "
             f"threads {threads.describe()}")
 

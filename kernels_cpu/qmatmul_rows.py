@@ -6,23 +6,25 @@ per token as (see `qmatmul.quantize_x`):
 
     xq  int8 (2 Kp,)    x rounded per 32-element block to a 15-bit integer v = 128 hi + lo,
                         x ~ xd[b] * v (|hi| <= 127, |lo| <= 64), as two int8 parts, interleaved
-                        per 64 elements: hi of elements 64g.. at byte 128g, lo at 128g + 64
+                        per 64 elements: hi of elements 64g.. at byte 128g, lo at 128g + 64;
+                        on a wide path (simd.wide: AVX2) v itself, int16, block b's 32 at
+                        byte 64b in simd.WIDE_ORDER (the order simd.spread puts weights in)
     xd  f32 (Kp / 32,)  the block scales, amax / (127 * 128)
     xs  f32 (Kp / 32,)  the float sums of x over each block (Q4_K's mins use these: exact)
     x4n i32 (Kp / 4,)   minus the sums of v over each 4 elements (the constant offsets:
-                        Q6_K -32, Q5_0 -16, Q4_0 -8, Q3_K -4, Q8_0 -128 on VNNI, go into the
+                        Q6_K -32, Q5_0 -16, Q4_0 -8, Q3_K -4, Q8_0 -128 but on generic, go into the
                         int32 accumulators; Q2_K's mins take their 16-element sums of v)
 
 Kp is K padded to a multiple of 64 with zeros, so a pair of 32-blocks can always be read.
 
 Per 64 weights: one unsigned 64-byte vector of quants against both parts of x through
-`simd.dp4x2` (two vpdpbusd on VNNI CPUs), 16 int32 lanes of 4-element sums (exact), converted to float
-and multiplied lane by lane by the (weight scale x activation scale) of the block each lane
-belongs to, accumulated in 16 float lanes (Q4_K, Q6_K, Q8_0, Q5_0: two sets, alternate 64-weight
-groups or pairs of blocks, so a row's fma chain is half as long), added and summed in a fixed
-order per row. The result is
-a function of the row and the token's x alone: no dependence on threads, on the rows or tokens
-sharing the call, or on the CPU path (all paths compute the same integers; the float work is identical).
+`simd.dp4x2` (two vpdpbusd on VNNI CPUs, four vpmaddwd on AVX2), 16 int32 lanes of 4-element
+sums (exact), converted to float and multiplied lane by lane by the (weight scale x activation
+scale) of the block each lane belongs to, accumulated in 16 float lanes (Q4_K, Q6_K, Q8_0, Q5_0:
+two sets, alternate 64-weight groups or pairs of blocks, so a row's fma chain is half as long),
+added and summed in a fixed order per row. The result is a function of the row and the token's
+x alone: no dependence on threads, on the rows or tokens sharing the call, or on the CPU path
+(all paths compute the same integers; the float work is identical).
 
 Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12 packed 6-bit scales/mins, 128 nibbles (4
 chunks of 64 elements, low nibbles first); Q6_K 210 = 128 low nibbles, 64 bytes of 2-bit highs,
@@ -135,10 +137,13 @@ def _x4(builder, x, elem):
     return load_vec(builder, x["x4n"], elem, vec(32, 16))
 
 
-def _xv(builder, x, elem):
+def _xv(builder, x, elem, isa):
     """The two int8 parts (hi, lo) of token x's 64 activations from element `elem` (i64): stored
-    interleaved per 64 elements, hi at byte 2 * elem, lo 64 bytes after it."""
+    interleaved per 64 elements, hi at byte 2 * elem, lo 64 bytes after it. On a wide path
+    (simd.wide) the four <16 x i16> from byte 2 * elem: the activations in WIDE_ORDER per 32-block."""
     at = builder.mul(elem, _i64(2))
+    if simd.wide(isa):
+        return [load_vec(builder, x["xq"], builder.add(at, _i64(32 * i)), vec(16, 16)) for i in range(4)]
     return (load_vec(builder, x["xq"], at, vec(8, 64)),
             load_vec(builder, x["xq"], builder.add(at, _i64(64)), vec(8, 64)))
 
@@ -197,7 +202,7 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
             blks.append(blk)
         for j in range(4):
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
-            xv = [_xv(builder, x, elem) for x in toks]
+            xv = [_xv(builder, x, elem, isa) for x in toks]
             for blk, ar, sr in zip(blks, acc if j % 2 == 0 else acc2, s8):
                 w = _nibbles(builder, blk, _i64(16 + 32 * j))
                 for xvt, ac, s in zip(xv, ar, sr):
@@ -242,7 +247,7 @@ def _row_q6_k(builder, isa, rows, nb, toks, fetch):
             for g in range(2):
                 grp = 2 * h + g  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
                 elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
-                xv = [_xv(builder, x, elem) for x in toks]
+                xv = [_xv(builder, x, elem, isa) for x in toks]
                 init = [builder.shl(_x4(builder, x, elem), const_vec(32, [5] * 16)) for x in toks]  # -32 * sum(x)
                 for e, ar, sr in zip(es, acc if grp % 2 == 0 else acc2, s16):
                     w = concat(builder, e[2 * g], e[2 * g + 1])
@@ -313,7 +318,7 @@ def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, 
                     _fma_to(builder, ac, xmt, dmn)  # - dmin m * sum(x) per sub-block
         for grp in range(4):  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
-            xv = [_xv(builder, x, elem) for x in toks]
+            xv = [_xv(builder, x, elem, isa) for x in toks]
             if offset_log2 is None:
                 init = [ZERO16] * len(toks)
             else:  # (the last 8 lanes' quants are 4x: so is their offset)
@@ -389,7 +394,7 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
     def pair(i, lone, acc):
         b0 = builder.mul(i, _i64(2))
         elem = builder.mul(b0, _i64(32))
-        xv = [_xv(builder, x, elem) for x in toks]
+        xv = [_xv(builder, x, elem, isa) for x in toks]
         x4 = [_x4(builder, x, elem) for x in toks]
         # (dx0, dx1); a lone block's dx1 is the zero padding
         dx = [load_vec(builder, builder.bitcast(x["xd"], I8P), builder.mul(b0, _i64(4)), V2F) for x in toks]
@@ -457,12 +462,16 @@ def _row_q4_0(builder, isa, rows, nb, toks, fetch):
 
 
 @intrinsic
-def quantize_block(typingctx, x, xoff, xq, qoff, xd, xs, x4n, b):
+def quantize_block(typingctx, x, xoff, xq, qoff, xd, xs, x4n, b, wide):
     """One 32-block of activations (qmatmul.quantize_x's recipe) in vector IR: x[xoff .. xoff + 31]
     (float32) -> hi, lo at xq[qoff ..], xq[qoff + 64 ..]; the scale amax / (127 * 128) and the
     sum (8 running sums of every 8th element, then halves added pairwise) at xd[b], xs[b]; minus
-    the 4-sums of v at x4n[8 b ..]. v = rint(x / scale), hi = rint(v / 128), lo = v - 128 hi."""
-    sig = types.void(x, xoff, xq, qoff, xd, xs, x4n, b)
+    the 4-sums of v at x4n[8 b ..]. v = rint(x / scale), hi = rint(v / 128), lo = v - 128 hi.
+    wide (a literal, 1 for a simd.wide path): v itself as 32 int16 in simd.WIDE_ORDER at xq[qoff ..]."""
+    if not isinstance(wide, types.IntegerLiteral):
+        return None
+    as_int16 = bool(wide.literal_value)
+    sig = types.void(x, xoff, xq, qoff, xd, xs, x4n, b, wide)
 
     def codegen(context, builder, sig, args):
         def data(i, ty):
@@ -499,7 +508,10 @@ def quantize_block(typingctx, x, xoff, xq, qoff, xd, xs, x4n, b):
         hi = builder.fptosi(rint(builder.fmul(builder.sitofp(q, v32), ir.Constant(v32, [1.0 / 128.0] * 32))), vec(32, 32))
         lo = builder.sub(q, builder.shl(hi, const_vec(32, [7] * 32)))
         at = i64(3)
-        for part, off in ((hi, 0), (lo, 64)):
+        if as_int16:
+            v16 = builder.trunc(shuffle(builder, q, q, simd.WIDE_ORDER), vec(16, 32))
+            builder.store(v16, builder.bitcast(builder.gep(qp, [at]), vec(16, 32).as_pointer()), align=1)
+        for part, off in () if as_int16 else ((hi, 0), (lo, 64)):
             dst = builder.gep(qp, [builder.add(at, _i64(off))])
             builder.store(builder.trunc(part, vec(8, 32)), builder.bitcast(dst, vec(8, 32).as_pointer()), align=1)
         sums = builder.add(builder.add(shuffle(builder, q, q, range(0, 32, 4)), shuffle(builder, q, q, range(1, 32, 4))),

@@ -21,7 +21,7 @@ per row, with no horizontal sums. Per sub-block, row and token, in this order:
 | Q4_K | 32 | q (0..15)        | 0   | mins through xs, as the row kernels do |
 | Q6_K | 16 | q (0..63)        | 32  | int8 sub-block scales                  |
 | Q5_0 | 32 | q (0..31)        | 16  |                                        |
-| Q8_0 | 32 | q + 128 (0..255) | 128 | on AVX2, signed q through simd.dp4_signed, OFF 0 |
+| Q8_0 | 32 | q + 128 (0..255) | 128 |                                        |
 
 The integers are those of the row kernels; only the float order differs (one chain over the
 sub-blocks instead of the row kernels' lanes and tree), so a prompt token's row is within float rounding of
@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import F32, V16F, concat, const_vec, dp4, dp4_signed, load_vec, splat, vec
+from .simd import F32, V16F, concat, const_vec, dp4, dpw, load_vec, splat, spread, vec
 
 I64 = ir.IntType(64)
 I32 = ir.IntType(32)
@@ -73,10 +73,7 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, grou
         return None
     n_tok, gsel, s_len, offset, has_mins, path = (a.literal_value for a in lits)
     gs = [g for g in range(2) if gsel >> g & 1]
-    # AVX2's vpmaddubsw would saturate on u up to 255: Q8_0 takes its signed quants through
-    # simd.dp4_signed there (the same integers), with no offset to take back
-    signed = path == simd.AVX2 and offset == 128
-    offset = 0 if signed else offset
+    wide = simd.wide(path)  # int16 activations (simd.dpw): one chain per token, the pairs of a step
     sig = types.void(wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, groups, sub, off, mins, isa)
 
     def codegen(context, builder, sig, args):
@@ -111,7 +108,8 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, grou
 
         def sub_block(s):
             e0 = builder.mul(s, _i64(s_len))  # first element of the sub-block
-            xat = builder.sub(builder.mul(e0, _i64(2)), builder.srem(e0, _i64(64)))  # its hi byte (lo: + 64)
+            # its hi byte (lo: + 64); wide: its (4m, 4m + 1) pair (the (4m + 2, 4m + 3) pair: + 32)
+            xat = builder.sub(builder.mul(e0, _i64(2)), builder.srem(e0, _i64(32 if wide else 64)))
             hi = [[zero] * n_tok for _ in range(2)]
             lo = [[zero] * n_tok for _ in range(2)]
             if offset:  # the lo chains start at OFF * (minus the sums of v): exact int32
@@ -124,18 +122,17 @@ def _tile(typingctx, wt, sc, mn, xq, xd, xs, xo, t0, kp, nsub, s0, y, ntok, grou
                 k4 = builder.add(builder.mul(s, _i64(steps)), _i64(q))
                 ws = [load_vec(builder, wtp, builder.add(builder.mul(k4, _i64(4 * ROWS)), _i64(64 * g)), vec(8, 64))
                       if g in gs else None for g in range(2)]
-                if signed:  # back to the signed quants q = u - 128
-                    ws = [builder.xor(w, const_vec(8, [0x80] * 64)) if w is not None else None for w in ws]
+                if wide:
+                    ws = [spread(builder, w) if w is not None else None for w in ws]
                 for c, x in enumerate(toks):
                     parts = []
-                    for extra in (0, 64):
+                    for extra in (0, 32) if wide else (0, 64):
                         at = builder.add(xat, _i64(4 * q + extra))
                         v = builder.load(builder.bitcast(builder.gep(x["xq"], [at]), I32.as_pointer()), align=1)
-                        parts.append(builder.bitcast(splat(builder, v, 16), vec(8, 64)))
+                        parts.append(builder.bitcast(splat(builder, v, 8 if wide else 16), vec(16, 16) if wide else vec(8, 64)))
                     for g in gs:
-                        if signed:
-                            hi[g][c] = dp4_signed(builder, path, hi[g][c], ws[g], parts[0], None)
-                            lo[g][c] = dp4_signed(builder, path, lo[g][c], ws[g], parts[1], None)
+                        if wide:
+                            lo[g][c] = dpw(builder, lo[g][c], ws[g], parts * 2)
                         else:
                             hi[g][c] = dp4(builder, path, hi[g][c], ws[g], parts[0])
                             lo[g][c] = dp4(builder, path, lo[g][c], ws[g], parts[1])

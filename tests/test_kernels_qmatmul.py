@@ -48,17 +48,27 @@ def _reference(raw, t, k, x):
     return xh @ scaled.T - xsum @ s.mins.astype(np.float64).T
 
 
-def test_quantize_x_is_its_recipe():
+@pytest.mark.parametrize("isa", [simd.GENERIC, simd.AVX2], ids=["two-int8", "wide"])
+def test_quantize_x_is_its_recipe(isa):
+    """Both layouts (they are plain vector IR, made on any CPU): two int8 parts, or int16 in
+    simd.WIDE_ORDER per 32-block for the wide (AVX2) path."""
     x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
     x[1, 40:64] = 0  # an all-zero block
-    xq, xd, xs, x4n = qm.quantize_x(x)
+    xq, xd, xs, x4n = qm.quantize_x(x, isa=isa)
     v, d = _quantized_x(x)
     kp = xq.shape[1] // 2
-    hi = xq.reshape(3, kp // 64, 2, 64)[:, :, 0].reshape(3, kp).astype(np.int64)
-    lo = xq.reshape(3, kp // 64, 2, 64)[:, :, 1].reshape(3, kp).astype(np.int64)
-    assert not hi[:, 96:].any() and not lo[:, 96:].any() and not x4n[:, 24:].any()  # the padding stays zero
-    hi, lo = hi[:, :96], lo[:, :96]
-    assert np.array_equal(128 * hi + lo, v) and np.abs(hi).max() <= 127 and np.abs(lo).max() <= 64
+    if simd.wide(isa):
+        stored = xq.view(np.int16).reshape(3, kp // 32, 32).astype(np.int64)
+        got = np.empty_like(stored)
+        got[:, :, simd.WIDE_ORDER] = stored
+        assert sorted(simd.WIDE_ORDER) == list(range(32)) and not got.reshape(3, kp)[:, 96:].any()
+        assert np.array_equal(got.reshape(3, kp)[:, :96], v) and not x4n[:, 24:].any()
+    else:
+        hi = xq.reshape(3, kp // 64, 2, 64)[:, :, 0].reshape(3, kp).astype(np.int64)
+        lo = xq.reshape(3, kp // 64, 2, 64)[:, :, 1].reshape(3, kp).astype(np.int64)
+        assert not hi[:, 96:].any() and not lo[:, 96:].any() and not x4n[:, 24:].any()  # the padding stays zero
+        hi, lo = hi[:, :96], lo[:, :96]
+        assert np.array_equal(128 * hi + lo, v) and np.abs(hi).max() <= 127 and np.abs(lo).max() <= 64
     assert np.array_equal(xd[:, :3], d)
     assert np.array_equal(x4n[:, :24], -v.reshape(3, 24, 4).sum(axis=2))
     assert np.allclose(xs[:, :3], x.reshape(3, 3, 32).sum(axis=2), rtol=1e-6)
