@@ -71,7 +71,7 @@ class SparseFFN:
             board[_A_MODE], board[_A_SD] = 1, sd.ctypes.data
 
         def alone():
-            board = np.zeros(threads.BOARD, np.int64)
+            board = threads.own_board()
             write(board)
             threads.begin(board, 1, self.n_chunks)
             task(board, 1)

@@ -358,6 +358,7 @@ class _Plan:
         return item_w, np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
+        isa = simd.chosen() if isa is None else isa
         xq, xd, xs, x4n = quantize_x(x, reuse=True, isa=isa)
         t_n = x.shape[0]
         tiled = t_n > tiles.TILE_T
@@ -374,7 +375,7 @@ class _Plan:
             _write_args(board, xq, xd, xs, x4n, out, self.desc, item_w, item_r, x16, x32)
 
         def alone():
-            board = np.zeros(threads.BOARD, np.int64)
+            board = threads.own_board()
             write(board)
             threads.begin(board, 1, n)
             task(board, 1)

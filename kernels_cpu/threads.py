@@ -102,6 +102,18 @@ def begin(board, epoch, n_items):
     _begin(board, epoch, KERNEL, n_items, 0)
 
 
+_OWN = threading.local()
+
+
+def own_board() -> np.ndarray:
+    """The calling thread's private board for the tasks it runs alone (one at a time, so one
+    board serves them all: no allocation per product)."""
+    b = getattr(_OWN, "board", None)
+    if b is None:
+        b = _OWN.board = np.zeros(BOARD, np.int64)
+    return b
+
+
 @njit(cache=True, nogil=True)
 def _begin(board, epoch, kind, n_items, n_work):
     """Make `epoch` the current task (its arguments at ARGS are written by the caller first)."""
