@@ -447,3 +447,33 @@ class GGUFFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RowTable:
+    """A matrix of the file as `rows[ids]` that reads only those rows (pread), for embedding
+    lookups: the shape and indexing `embedding_rows` needs, without mapping the table (a mapped
+    table gains ~64 KiB of resident pages per looked-up row through the kernel's fault-around).
+    `drop_cache`: also drop the page cache each read used (a streaming store under a cgroup)."""
+
+    def __init__(self, fd: int, offset: int, n_rows: int, row_bytes: int, drop_cache: bool = True):
+        self.fd, self.offset, self.drop_cache = fd, offset, drop_cache
+        self.shape = (n_rows, row_bytes)
+        self.dtype = np.dtype(np.uint8)
+        self.bytes_read = 0
+
+    def __getitem__(self, ids):
+        scalar = np.ndim(ids) == 0
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        rb = self.shape[1]
+        out = np.empty((ids.size, rb), np.uint8)
+        for j, r in enumerate(ids):
+            if not 0 <= r < self.shape[0]:
+                raise IndexError(f"row {r} outside 0..{self.shape[0] - 1}")
+            off = self.offset + int(r) * rb
+            n = os.preadv(self.fd, [out[j]], off)
+            if n != rb:
+                raise GGUFError(f"short read of a table row at byte {off:,}")
+            self.bytes_read += n
+            if self.drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, off, rb, os.POSIX_FADV_DONTNEED)
+        return out[0] if scalar else out

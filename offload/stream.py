@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeLLMError
-from ..loaders.gguf import GGUFFile
+from ..loaders.gguf import GGUFFile, RowTable
 from ..quant.formats import dequantize
 from .planner import ALIGN, Plan, Unit
 
@@ -92,33 +92,6 @@ class _Slot:
         self.pending = 0
         self.gen = 0  # bumped whenever the slot takes a new unit
         self.at_load = False  # a resident unit's buffer: its reads count as load, not streaming
-
-
-class RowTable:
-    """The embedding table as `rows[ids]` reads only those rows from the file (pread, then the
-    page cache they used is dropped): the shape and indexing that `embedding_rows` needs."""
-
-    def __init__(self, fd: int, offset: int, n_rows: int, row_bytes: int):
-        self.fd, self.offset = fd, offset
-        self.shape = (n_rows, row_bytes)
-        self.dtype = np.dtype(np.uint8)
-        self.bytes_read = 0
-
-    def __getitem__(self, ids):
-        scalar = np.ndim(ids) == 0
-        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
-        rb = self.shape[1]
-        out = np.empty((ids.size, rb), np.uint8)
-        for j, r in enumerate(ids):
-            if not 0 <= r < self.shape[0]:
-                raise IndexError(f"row {r} outside 0..{self.shape[0] - 1}")
-            off = self.offset + int(r) * rb
-            n = os.preadv(self.fd, [out[j]], off)
-            if n != rb:
-                raise StreamError(f"short read of an embedding row at byte {off:,}")
-            self.bytes_read += n
-            _drop_cache(self.fd, off, rb)
-        return out[0] if scalar else out
 
 
 def _drop_cache(fd: int, off: int, n: int) -> None:

@@ -6,7 +6,7 @@
     b.close()
 
 One scheduler thread owns the engine. Each of the N slots is a sequence with KV caches of its own
-(Engine.new_sequence). A new request takes a free slot and its prompt is prefilled one n_batch
+(Engine.new_sequence). A new request takes a free slot and its prompt is prefilled one
 chunk at a time, each chunk followed by a decode pass of the other slots (a long prompt delays
 their tokens, it does not stop them); then it joins the decode batch, where every active slot adds
 one token per pass: one read of the weights serves them all, which is where the speed comes from on a
@@ -128,7 +128,7 @@ class Batcher:
         self.busy[best] = req
 
     def _prefill_chunk(self, slot: int, req: _Request) -> None:
-        """Bring the slot's cache one n_batch chunk further into the prompt (the first chunk
+        """Bring the slot's cache one chunk further into the prompt (the first chunk
         starts after what the slot already holds of it); after the last, sample the first token.
         The chunks are the ones a lone prefill runs, so the results are its bits."""
         eng = self.engine
@@ -137,7 +137,7 @@ class Batcher:
             try:
                 eng.stats = req.turn.stats
                 keep = eng.reusable(req.ids) if req.cached is None else req.done
-                end = min(len(req.ids), keep + eng.rcfg.n_batch)
+                end = min(len(req.ids), keep + eng.chunk)
                 logits = eng.prefill(req.ids[:end])
                 req.cached = eng.stats.cached_tokens if req.cached is None else req.cached
                 req.done = end

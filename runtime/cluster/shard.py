@@ -197,7 +197,7 @@ class StreamedShard:
     lookups) is read from the model file a few rows at a time."""
 
     def __init__(self, store, f: GGUFFile, slices: dict[str, Slice]):
-        from ...offload.stream import RowTable
+        from ...loaders.gguf import RowTable
 
         self.store, self.slices = store, slices
         self.plan = store.plan
