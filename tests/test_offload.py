@@ -156,6 +156,41 @@ def test_streaming_store_hands_out_the_file_bytes():
             w.close()
 
 
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_resident_store_reads_an_untied_table_a_row_at_a_time():
+    """qwen's token_embd is not its head: the resident store's lookups read rows (the file's bytes)
+    and map no pages, where indexing the mapping maps ~64 KiB around each row."""
+    from edgellm.runtime.weights import Weights
+
+    path = model_file("qwen2.5-coder-0.5b").resolve()
+    ids = np.random.default_rng(0).integers(0, 151_000, 512)
+    with GGUFFile(path) as f:
+        w = Weights(f, lambda rows, t, k: None)
+        try:
+            table, t = w.table("token_embd.weight")
+            before = _mapped_kib(path)
+            got = table[ids]
+            assert _mapped_kib(path) - before < 256
+            assert t == f.info("token_embd.weight").type
+            assert np.array_equal(got, f.rows("token_embd.weight")[ids])
+            assert _mapped_kib(path) - before > 4096  # (the mapping's way, for contrast)
+        finally:
+            w.close()
+
+
 def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
     from edgellm.runtime import Engine, RuntimeConfig
     with pytest.raises(P.BudgetError, match=r"the minimum is [\d,.]+ MB"):
