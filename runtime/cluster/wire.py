@@ -129,6 +129,9 @@ def _tls_error(e: Exception, side: str) -> ProtocolError:
                                                                        "bad_certificate", "access_denied")):
         return ProtocolError(f"authentication failed: the {side} refused this node's key (it is not on its "
                              f"allow-list, or it needs one) ({text})")
+    if isinstance(e, ssl.SSLEOFError):  # TLS 1.3: a peer that refuses our key may close before its alert is read
+        return ProtocolError(f"authentication failed: the {side} closed the connection during the TLS handshake "
+                             f"(it refuses this node's key, or it is not an edgellm node) ({text})")
     return ProtocolError(f"TLS handshake with the {side} failed: {text}")
 
 
