@@ -344,6 +344,9 @@ class _Plan:
             self.desc[i, :7] = (raw.ctypes.data, raw.size, FAST[w.ggml_type], w.raw.shape[1],
                                 w.k // BLOCK[w.ggml_type], self.cols[i], w.n)
         self.bytes = sum(w.raw.size for w in ws)
+        self.n_out = int(self.cols[-1])
+        self.spans = [(int(a), int(b)) for a, b in zip(self.cols[:-1], self.cols[1:])]  # (Python ints: cheap slicing)
+        self.isa = simd.chosen()  # the CPU path, resolved once (EDGELLM_ISA is read at load)
         item = max(16 << 10, min(_ITEM_BYTES, self.bytes // (4 * threads.max_count())))
         # work items: rows by bytes for decode; whole 32-row tiles for prompts (a 35-row item
         # would pack a second tile for 3 rows: Q6_K 1536x8960 at 512 tokens ran at half speed)
@@ -358,7 +361,7 @@ class _Plan:
         return item_w, np.stack([np.concatenate(cuts), np.concatenate([np.append(c[1:], w.n) for c, w in zip(cuts, ws)])])
 
     def __call__(self, x: np.ndarray, isa: int | None) -> list[np.ndarray]:
-        isa = simd.chosen() if isa is None else isa
+        isa = self.isa if isa is None else isa
         xq, xd, xs, x4n = quantize_x(x, reuse=True, isa=isa)
         t_n = x.shape[0]
         tiled = t_n > tiles.TILE_T
@@ -366,7 +369,7 @@ class _Plan:
         x32 = np.empty(x4n.size // 8, I32) if tiled else _NONE
         if tiled:
             tiles.sums(x4n.reshape(-1), x16, x32)
-        out = np.empty(t_n * int(self.cols[-1]), F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
+        out = np.empty(t_n * self.n_out, F32)  # weight w's (T, N_w) at T * cols[w]: each contiguous
         task = kernel(isa)
         item_w, item_r = self.items[tiled]
         n = item_w.shape[0]
@@ -381,7 +384,7 @@ class _Plan:
             task(board, 1)
 
         threads.run_kernel(task, write, n, self.bytes * x.shape[0], alone)
-        return [out[t_n * a:t_n * b].reshape(t_n, b - a) for a, b in zip(self.cols[:-1], self.cols[1:])]
+        return [out[t_n * a:t_n * b].reshape(t_n, b - a) for a, b in self.spans]
 
 
 # ---- dequantization to float32 (every other type) -----------------------------------------------
@@ -404,11 +407,14 @@ class Product:
         self.ws, self.k = list(ws), k.pop()
         fast = [w for w in ws if w.fast]
         self.plan = _Plan(fast) if fast and self.k % 32 == 0 else None
+        self.all_fast = self.plan is not None and len(fast) == len(self.ws)
 
     def __call__(self, x: np.ndarray, isa: int | None = None) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=F32)
         if x.ndim != 2 or x.shape[1] != self.k:
             raise ValueError(f"matmul: x has shape {x.shape}, expected (T, {self.k})")
+        if self.all_fast:
+            return self.plan(x, isa)
         if self.plan is None:
             return [x @ dequantize_rows(w).T for w in self.ws]
         got = iter(self.plan(x, isa))
