@@ -261,6 +261,8 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fd: int | None = None  # for `lookups`, opened on first use
+        self._lookups: dict[str, RowTable] = {}
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -432,8 +434,21 @@ class GGUFFile:
         if end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def lookups(self, name: str) -> "RowTable":
+        """The matrix as a `RowTable` (rows read on lookup, nothing mapped), over a descriptor
+        this file keeps until `close`; the page cache is left as it is."""
+        if name not in self._lookups:
+            t = self.info(name)
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            self._lookups[name] = RowTable(self._fd, t.offset, t.n_rows, t.row_bytes, drop_cache=False)
+        return self._lookups[name]
+
     def close(self) -> None:
         """Release the mapping (views handed out keep it alive until they are dropped)."""
+        fd, self._fd, self._lookups = self._fd, None, {}
+        if fd is not None:
+            os.close(fd)
         self._buf = None
         m, self._mmap = getattr(self, "_mmap", None), None
         if m is not None:

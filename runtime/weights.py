@@ -6,13 +6,12 @@ and dequantized per looked-up row). A streaming store (offload/) offers the same
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
 
 from ..errors import EdgeLLMError
-from ..loaders.gguf import GGUFFile, RowTable
+from ..loaders.gguf import GGUFFile
 from ..quant.formats import dequantize
 from ..quant.ggml_types import GGMLType
 
@@ -28,8 +27,6 @@ class Weights:
         self._linear: dict[str, Callable] = {}
         self._group: dict[tuple, Callable] = {}
         self._vector: dict[str, np.ndarray] = {}
-        self._fd: int | None = None
-        self._table: RowTable | None = None
 
     def has(self, name: str) -> bool:
         return name in self.f.tensors
@@ -61,20 +58,10 @@ class Weights:
         return v
 
     def table(self, name: str) -> tuple[np.ndarray, GGMLType]:
-        """Rows to look up: a table the head does not also use is read a row at a time (`RowTable`),
-        so lookups add no mapped pages; a tied one is mapped (the head reads all of it anyway)."""
-        t = self.f.info(name)
-        if name == "token_embd.weight" and "output.weight" in self.f.tensors:
-            if self._table is None:
-                self._fd = os.open(self.f.path, os.O_RDONLY)
-                self._table = RowTable(self._fd, t.offset, t.n_rows, t.row_bytes, drop_cache=False)
-            return self._table, t.type
-        return self.f.rows(name), t.type
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = self._table = None
+        """Rows to look up: a table the head does not also use is read on lookup (a mapped one
+        gains ~64 KiB of resident pages per row through fault-around); a tied one stays mapped
+        (the head reads all of it anyway)."""
+        return untied_table(self.f, name), self.f.info(name).type
 
     def load_all(self) -> None:
         """Pack every matrix now (so the first token does not pay for it)."""
@@ -85,3 +72,8 @@ class Weights:
                 self.f.drop_pages(name)
             elif len(t.shape) == 1:
                 self.vector(name)
+
+
+def untied_table(f: GGUFFile, name: str):
+    """f's rows of `name` for lookups: read on lookup when the model has a separate head, else mapped."""
+    return f.lookups(name) if name == "token_embd.weight" and "output.weight" in f.tensors else f.rows(name)

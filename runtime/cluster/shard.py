@@ -26,6 +26,7 @@ from ...loaders.gguf_write import OutTensor, write_gguf
 from ...loaders.store import home
 from ...quant.formats import dequantize
 from ..config import ModelConfig
+from ..weights import untied_table
 from .plan import NodeShard, Slice, node_tensors, slice_bytes
 from .wire import ClusterError
 
@@ -115,7 +116,7 @@ class ShardedWeights:
         return v
 
     def table(self, name: str):
-        return self.f.rows(name), self.f.info(name).type
+        return untied_table(self.f, name), self.f.info(name).type
 
     def matrices(self) -> list[str]:
         return [n for n in self.slices if len(self.f.info(n).shape) == 2]
