@@ -23,6 +23,13 @@ any two tiled prompt chunks) or the CPU path.
 15-bit activations cost two products per 64 weights and are ~100x closer to the exact path than
 llama.cpp's 8-bit ones; 8 bits for prompts only (one product, ~1.35x their speed) measured GPL-3
 perplexity 0.2-0.5% off the exact path, outside the 0.3% the accuracy rule allows.
+On AVX2 (int16 activations) a decode row is bound by instructions, not DRAM: Q4_K 8960x1536 on
+one Zen 2 thread runs ~135 instructions per 256-weight block at T = 1 (14.5 G weights/s, L3-warm
+and from DRAM alike), 18 / 21.6 / 21.5 G weight-tokens/s at T = 2 / 4 / 8. A prototype with one
+activation scale per 256 elements, the 6-bit sub-block scales folded into the int16 weights
+(vpmullw) and int32 sums over each super-block measured T = 4 19 -> 24 G weight-tokens/s but T = 1
+15 -> 13 (the multiplies share vpmaddwd's port), at ~7x this layout's rounding error (steps still
+128x finer than llama.cpp's 8-bit ones); not adopted (2026-12-03).
 
 Types: Q4_K, Q5_0, Q6_K, Q8_0 (what the shipped Q4_K_M models hold) and Q3_K, Q2_K, Q4_0 (what
 the compressor emits) run fast; F32, F16 and every other type are dequantized by the numpy
