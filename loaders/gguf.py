@@ -446,7 +446,9 @@ class GGUFFile:
 
     def close(self) -> None:
         """Release the mapping (views handed out keep it alive until they are dropped)."""
-        fd, self._fd, self._lookups = self._fd, None, {}
+        fd, self._fd, tables, self._lookups = self._fd, None, self._lookups, {}
+        for t in tables.values():  # a lookup after close fails (EBADF), never reads a reused descriptor
+            t.fd = -1
         if fd is not None:
             os.close(fd)
         self._buf = None

@@ -3,6 +3,7 @@ multiplies with, and a real run under a hard memory limit (tests/memory_limit.py
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -186,6 +187,12 @@ def test_resident_store_reads_an_untied_table_a_row_at_a_time():
         assert t == f.info("token_embd.weight").type
         assert np.array_equal(got, f.rows("token_embd.weight")[ids])
         assert _mapped_kib(path) - before > 1024  # (the mapping's way: a page or more per row, for contrast)
+    other = os.open(__file__, os.O_RDONLY)  # (takes the closed descriptor's number, as the next open does)
+    try:
+        with pytest.raises(OSError):  # closed with the file: no read through that reused number
+            table[ids[:1]]
+    finally:
+        os.close(other)
 
 
 def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
