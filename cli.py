@@ -70,6 +70,17 @@ def _size(n: int) -> str:
 
 CACHE_TYPE = typer.Option("f16", "--cache-type", help="KV cache type: f16, q8_0 (half the bytes) or q4_0 "
                           "(blocks of 32 values, as llama.cpp's -ctk/-ctv)")
+BACKEND = typer.Option(None, "--backend", help="kernels: numba (default), numpy (the exact path), cuda (the GPU: "
+                       "pip install -e '.[gpu]'), cuda-mirror (the cuda backend on numpy mirrors of its kernels)")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", "-ngl", min=0, help="--backend cuda: the first N blocks on the GPU, "
+                          "the rest and the output head on the CPU (default: all)")
+GPU_BUDGET = typer.Option(None, "--gpu-memory-budget", help="--backend cuda: GPU memory to use, e.g. 512M; blocks "
+                          "that do not fit are copied in from host memory each pass")
+
+
+def _gpu(gpu_layers: Optional[int], gpu_memory_budget: Optional[str]) -> dict:
+    return ({"gpu_layers": gpu_layers} if gpu_layers is not None else {}) | (
+        {"gpu_memory_budget": gpu_memory_budget} if gpu_memory_budget else {})
 
 
 def _cache(cache_type: str) -> dict:
@@ -272,7 +283,9 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[str] = THREADS,
     ctx: int = CTX,
-    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    backend: Optional[str] = BACKEND,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    gpu_memory_budget: Optional[str] = GPU_BUDGET,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and speed on stderr"),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
@@ -295,7 +308,7 @@ def run(
                                stop=tuple(stop), ignore_eos=ignore_eos)
     rcfg = _cluster_config(_runtime_config(threads, ctx, backend, memory_budget=memory_budget,
                                            spec=_speculative(draft, lookup, draft_max) | _sparse(sparsity, sparsity_calib)
-                                           | _cache(cache_type)),
+                                           | _cache(cache_type) | _gpu(gpu_layers, gpu_memory_budget)),
                            cluster, key, split,
                            cluster_timeout, allow)
     eng = _load(model, rcfg, verbose and not as_json)
@@ -370,7 +383,9 @@ def perplexity(
     file: str = typer.Argument(..., help="text file to score"),
     ctx: int = typer.Option(512, "--ctx", "-c", min=2, help="chunk length in tokens"),
     threads: Optional[str] = THREADS,
-    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    backend: Optional[str] = BACKEND,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    gpu_memory_budget: Optional[str] = GPU_BUDGET,
     as_json: bool = typer.Option(False, "--json", help='print {"ppl": float, "scored_tokens": int}'),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="memory the run may use, e.g. 400M, 1.5G; weights that do not fit stream from disk"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print kernels and the memory plan on stderr"),
@@ -382,7 +397,7 @@ def perplexity(
     decode computes it)."""
     text = _prompt_text(None, file)
     rcfg = _runtime_config(threads, ctx, backend, n_batch=min(ctx, 4096), memory_budget=memory_budget,
-                           spec=_sparse(sparsity, sparsity_calib) | _cache(cache_type))
+                           spec=_sparse(sparsity, sparsity_calib) | _cache(cache_type) | _gpu(gpu_layers, gpu_memory_budget))
     if rcfg.memory_budget:  # a chunk's logits are scored outside the model: leave room for them
         import dataclasses
 
@@ -418,7 +433,9 @@ def bench(
     reps: int = typer.Option(3, "--reps", min=1, max=50, help="runs per figure (the median is reported)"),
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=1, help="prompt tokens (pp)"),
     n_gen: int = typer.Option(64, "--n-gen", "-n", min=1, help="generated tokens (tg)"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: fastest)"),
+    backend: Optional[str] = BACKEND,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    gpu_memory_budget: Optional[str] = GPU_BUDGET,
     no_llama_cpp: bool = typer.Option(False, "--no-llama-cpp", help="skip the llama.cpp comparison"),
     profile: bool = typer.Option(False, "--profile", help="also print milliseconds per decoded token by op"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -439,7 +456,8 @@ def bench(
     n_ctx = max(1024, n_prompt + n_gen)
     spec = _speculative(draft, lookup, draft_max)
     rcfg = _runtime_config(threads, n_ctx, backend, n_batch=min(n_prompt, 4096), memory_budget=memory_budget,
-                           spec=spec | _sparse(sparsity, sparsity_calib) | _cache(cache_type))
+                           spec=spec | _sparse(sparsity, sparsity_calib) | _cache(cache_type)
+                           | _gpu(gpu_layers, gpu_memory_budget))
     eng = _load(target, rcfg)
     try:
         ours = rb.measure(eng, n_prompt, n_gen, reps)
@@ -605,6 +623,9 @@ def chat(
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
     cache_type: str = CACHE_TYPE,
+    backend: Optional[str] = BACKEND,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    gpu_memory_budget: Optional[str] = GPU_BUDGET,
 ) -> None:
     """Chat with MODEL in the terminal (/help lists the commands; Ctrl+C stops a reply)."""
     rt.RuntimeConfig(**_cache(cache_type))  # a bad cache type fails before the model loads
@@ -616,7 +637,8 @@ def chat(
     _resolve(model)  # fetch with a progress bar first
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}),
-                **_speculative(draft, lookup, draft_max), **_sparse(sparsity, sparsity_calib), **_cache(cache_type)}
+                **_speculative(draft, lookup, draft_max), **_sparse(sparsity, sparsity_calib), **_cache(cache_type),
+                **({"backend": backend} if backend else {}), **_gpu(gpu_layers, gpu_memory_budget)}
     with load(model, **settings) as llm:
         if verbose:
             typer.echo("[" + ", ".join(f"{k} {v}" for k, v in llm.info.items() if k != "path") + "]", err=True)
@@ -642,6 +664,9 @@ def serve(
     sparsity: float = SPARSITY,
     sparsity_calib: Optional[str] = SPARSITY_CALIB,
     cache_type: str = CACHE_TYPE,
+    backend: Optional[str] = BACKEND,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    gpu_memory_budget: Optional[str] = GPU_BUDGET,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from .runtime import server
@@ -664,7 +689,8 @@ def serve(
     _resolve(model)
     settings = {"ctx": ctx, **({"threads": threads} if threads is not None else {}),
                 **({"memory_budget": memory_budget} if memory_budget else {}), **_speculative(draft, lookup, draft_max),
-                **_sparse(sparsity, sparsity_calib), **_cache(cache_type), **({"parallel": parallel} if parallel > 1 else {})}
+                **_sparse(sparsity, sparsity_calib), **_cache(cache_type), **({"parallel": parallel} if parallel > 1 else {}),
+                **({"backend": backend} if backend else {}), **_gpu(gpu_layers, gpu_memory_budget)}
     server.run(model, settings, host, port, api_key, queue, echo=lambda m: typer.echo(m, err=True))
 
 

@@ -32,6 +32,20 @@ def _warm_up(engine, ids: list[int]) -> None:
     engine.reset()
 
 
+def greedy(engine, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """n greedy ids after `prompt` (ties to the lowest id, as llama.cpp) and the logits each was
+    picked from: what the accuracy rule's free-running check compares."""
+    engine.reset()
+    logits = engine.prefill(prompt)
+    ids, seen = [], []
+    for _ in range(n):
+        t = int(np.argmax(logits))
+        ids.append(t)
+        seen.append(logits)
+        logits = engine.decode_one(t)
+    return ids, seen
+
+
 def measure(engine, n_prompt: int = 512, n_gen: int = 64, reps: int = 3) -> dict[str, Any]:
     """Our pp/tg figures on a loaded engine."""
     ids = _prompt(engine.config.n_vocab, n_prompt)

@@ -101,6 +101,8 @@ class RuntimeConfig:
     sparsity_calib: str | None = None  # the calibration text (a file); None: the built-in choice (runtime/sparsity.py)
     cache_type: str = "f16"  # KV cache elements: f16, q8_0 or q4_0 (blocks of 32 along head_dim, as llama.cpp's)
     parallel: int = 1  # sequences generated at once (runtime/batch.py), each with KV caches of n_ctx
+    gpu_layers: int | None = None  # backend cuda: the first N blocks on the GPU, the rest on the CPU (None: all)
+    gpu_memory_budget: int | str | None = None  # backend cuda: device bytes; blocks that do not fit stream in
 
     @property
     def max_threads(self) -> int:
@@ -129,6 +131,17 @@ class RuntimeConfig:
         _check_sparsity(self)
         _check_cache_type(self)
         _check_parallel(self)
+        _check_gpu(self)
+
+
+def _check_gpu(c: RuntimeConfig) -> None:
+    gpu = c.backend in ("cuda", "cuda-mirror")
+    n = c.gpu_layers
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 4096):
+        raise ConfigError(f"gpu_layers must be 0..4096, not {n!r}")
+    _size_setting(c, "gpu_memory_budget", "'512M'")
+    if (n is not None or c.gpu_memory_budget is not None) and not gpu:
+        raise ConfigError("gpu_layers and gpu_memory_budget need backend 'cuda'")
 
 
 def _check_parallel(c: RuntimeConfig) -> None:
@@ -199,7 +212,12 @@ def _check_speculative(c: RuntimeConfig) -> None:
 
 
 def _check_budget(c: RuntimeConfig) -> None:
-    b = c.memory_budget
+    _size_setting(c, "memory_budget", "'400M' or '1.5G'")
+
+
+def _size_setting(c: RuntimeConfig, name: str, example: str) -> None:
+    """A byte count setting given as bytes or a size string: stored as bytes, or ConfigError."""
+    b = getattr(c, name)
     if b is None:
         return
     from ..offload.planner import parse_size
@@ -209,5 +227,5 @@ def _check_budget(c: RuntimeConfig) -> None:
     except ValueError:
         n = None
     if n is None or n <= 0:
-        raise ConfigError(f"memory_budget must be a positive byte count or a size like '400M' or '1.5G', not {b!r}")
-    object.__setattr__(c, "memory_budget", n)
+        raise ConfigError(f"{name} must be a positive byte count or a size like {example}, not {b!r}")
+    object.__setattr__(c, name, n)

@@ -28,6 +28,8 @@ from .tokenizer import StreamDecoder, Tokenizer
 from ..offload import StreamingWeights
 from .weights import Weights
 
+GPU_BACKENDS = ("cuda", "cuda-mirror")  # runtime/gpu.py
+
 # Prompt tokens per forward pass over resident weights, at most: as fast as 512 here (Zen 2, 2
 # threads, pp512: qwen 1.5B 48.7 tok/s vs 48.0, gemma 450 vs 439) with half the activation buffers
 # (qwen 0.5B: 25 MiB less peak RSS). Streamed or clustered weights take n_batch: each pass reads
@@ -36,9 +38,13 @@ MICRO_BATCH = 256
 
 
 def select_kernels(backend: str | None, threads: int | str):
-    """The kernel table (kernels_cpu.linear), with a bad backend as a one-line user error."""
+    """The kernel table (kernels_cpu.linear, or runtime/gpu.py's for cuda), with a bad backend
+    as a one-line user error."""
     from ..kernels_cpu import linear
 
+    if backend in GPU_BACKENDS:
+        from .gpu import open_kernels
+        return open_kernels(backend)
     try:
         return linear.select(backend or None, threads)
     except ValueError as e:
@@ -101,6 +107,8 @@ class Engine:
         self.file = GGUFFile(path)
         self.weights = None  # the weight store (None for a cluster)
         self.proposer = None  # speculative decoding (runtime/speculative.py), when rcfg asks for it
+        self.placement = None  # the cuda backend's (runtime/gpu.py)
+        self._host = None  # logits from the device to the host (the cuda backend)
         self.draft_bytes = 0  # what a resident draft model takes out of a memory budget
         try:
             arch = self.file.metadata.get("general.architecture")
@@ -115,7 +123,9 @@ class Engine:
                 rcfg = self.rcfg = replace(rcfg, n_batch=self.plan.n_batch)
             kern = select_kernels(rcfg.backend, rcfg.threads)
             self.ops, self.backend, self._rest = kern.ops, kern.describe, kern.rest
-            if rcfg.cluster:  # tensor parallel over the LAN: runtime/cluster shards the model from outside
+            if rcfg.backend in GPU_BACKENDS:
+                self._load_gpu(cls, kern, rcfg)
+            elif rcfg.cluster:  # tensor parallel over the LAN: runtime/cluster shards the model from outside
                 from .cluster import ClusterModel
 
                 self.model = ClusterModel(self.path, self.file, cls, self.config, rcfg, self.ops, kern.make_linear)
@@ -143,6 +153,24 @@ class Engine:
             except BaseException:
                 self.close()
                 raise
+
+    def _load_gpu(self, cls, kern, rcfg: RuntimeConfig) -> None:
+        """The cuda backend (runtime/gpu.py): blocks placed on the GPU (streamed there under
+        --gpu-memory-budget) or, past --gpu-layers, on the CPU kernels; logits come back to the host."""
+        from . import gpu
+
+        gpu.check(rcfg)
+        cpu = None
+        if rcfg.gpu_layers is not None and rcfg.gpu_layers < self.config.n_layer:
+            cpu = select_kernels(None, rcfg.threads)  # the default CPU kernels
+            self._rest = cpu.rest
+        self.placement = gpu.Placement(self.file, self.config, rcfg, kern, cpu, rcfg.gpu_layers, rcfg.gpu_memory_budget)
+        self.weights = self.placement
+        self.model = cls(self.config, rcfg, self.placement, kern.ops)
+        self.placement.install(self.model)
+        self.placement.load_all()
+        self._host = kern.host
+        self.backend = f"{kern.describe}; {self.placement.describe()}"
 
     def _sparsify(self, rcfg: RuntimeConfig) -> None:
         """Install the activation-sparse FFN (runtime/sparsity.py), calibrating on first use."""
@@ -197,7 +225,7 @@ class Engine:
     def _plan(self, rcfg: RuntimeConfig):
         """(plan, units) when weights must stream (a budget, or a model larger than the memory
         left), else (None, None)."""
-        if rcfg.cluster:
+        if rcfg.cluster or rcfg.backend in GPU_BACKENDS:
             return None, None
         from .. import offload
 
@@ -264,6 +292,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self.model.forward(ids, start, all_logits=all_logits)
+            if self._host is not None:
+                logits = self._host(logits)
         finally:
             self._rest()  # kernel threads sleep until the next pass: an idle engine takes no CPU
         wall = time.perf_counter() - t0
@@ -373,6 +403,8 @@ class Engine:
 
     def new_sequence(self) -> "KVSequence":
         """An empty sequence with caches of its own (the engine's own is the one in use)."""
+        if self.placement is not None:
+            return KVSequence(self.placement.make_caches(self.rcfg, self.n_ctx))
         return KVSequence(make_caches(self.config, self.rcfg, self.n_ctx, self.ops))
 
     def switch(self, seq: "KVSequence") -> "KVSequence":
@@ -391,6 +423,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self.model.forward_rows(np.asarray(tokens, np.int64), positions, [s.caches for s in seqs])
+            if self._host is not None:
+                logits = self._host(logits)
         finally:
             self._rest()
         self.stats.compute_s += time.perf_counter() - t0

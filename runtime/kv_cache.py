@@ -78,8 +78,9 @@ def _n_rows(c) -> int:
 
 class LayerCache:
     def __init__(self, n_ctx: int, n_kv: int, head_dim: int, head_dim_v: int, ops, cache_type: str = "f16"):
-        self.k = allocate(n_ctx, n_kv, head_dim, cache_type)  # (n_ctx, n_kv_heads, head_dim) values
-        self.v = allocate(n_ctx, n_kv, head_dim_v, cache_type)  # (n_ctx, n_kv_heads, head_dim_v) values
+        alloc = getattr(ops, "kv_allocate", allocate)  # a device's ops keep their caches on the device
+        self.k = alloc(n_ctx, n_kv, head_dim, cache_type)  # (n_ctx, n_kv_heads, head_dim) values
+        self.v = alloc(n_ctx, n_kv, head_dim_v, cache_type)  # (n_ctx, n_kv_heads, head_dim_v) values
         self.cache_type = cache_type
         quantized = isinstance(self.k, tuple)
         self.k_rot = rotation(head_dim, True) if quantized else 0  # Hadamard sizes, 0: none
@@ -154,9 +155,11 @@ class RingCache(LayerCache):
 
 
 def make_caches(cfg, rcfg, n_ctx: int, ops) -> list[LayerCache]:
-    """One cache per layer; sliding-window layers get a ring."""
+    """One cache per layer; sliding-window layers get a ring. ops: one ops module, or one per
+    layer (runtime/gpu.py places layers on two sides)."""
     caches = []
-    for i in range(cfg.n_layer):
+    per_layer = ops if isinstance(ops, (list, tuple)) else [ops] * cfg.n_layer
+    for i, ops in enumerate(per_layer):
         if cfg.sliding_window and cfg.swa_layers and cfg.swa_layers[i]:
             caches.append(RingCache(cfg.sliding_window, rcfg.n_batch, n_ctx, cfg.n_head_kv,
                                     cfg.head_dim, cfg.head_dim_v, ops, rcfg.cache_type))

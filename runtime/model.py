@@ -113,10 +113,9 @@ class Model:
         In `forward_rows` each row is a token of its own sequence, with that sequence's caches."""
         rows = self._rows if self._rows is not None else [self.caches] if q.shape[0] == 1 else None
         if rows is not None:  # decode steps: one token of each sequence
-            out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)  # (T, n_head, head_dim_v)
-            for r, caches in enumerate(rows):
-                out[r] = caches[i].step(q[r], k[r], v[r], int(positions[r]), scale)
-            return out.reshape(q.shape[0], -1)
+            outs = [caches[i].step(q[r], k[r], v[r], int(positions[r]), scale) for r, caches in enumerate(rows)]
+            xp = getattr(self.ops, "xp", np)  # a device's ops keep arrays on the device
+            return xp.stack(outs).reshape(q.shape[0], -1)  # (T, n_head * head_dim_v)
         cache = self.caches[i]
         cache.store(k, v, positions)
         out = cache.attend(q, positions, scale)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from edgellm.runtime import Engine, RuntimeConfig
+from edgellm.runtime.bench import greedy as _greedy
 
 from conftest import MODELS, decode_steps, model_file, reference_file
 
@@ -68,19 +69,6 @@ def test_teacher_forced_deviation_no_larger_than_llama_cpp(loaded):
     assert max(ours) <= max(theirs)
     assert np.median(ours) <= np.median(theirs)
     assert max(ours) > 0  # int8 activations: a real second code path
-
-
-def _greedy(eng, prompt, n):
-    """Greedy ids (ties to the lowest id, as llama.cpp) and the logits each was picked from."""
-    eng.reset()
-    logits = eng.prefill(prompt)
-    ids, seen = [], []
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        ids.append(t)
-        seen.append(logits)
-        logits = eng.decode_one(t)
-    return ids, seen
 
 
 def test_greedy_follows_the_exact_path(loaded):
