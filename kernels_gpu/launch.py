@@ -117,7 +117,7 @@ class MirrorDevice(_Device):
     def rms_norm(self, x, weight, eps):
         return mirror.rms_norm(x, weight, eps)
 
-    def rope(self, x, positions, theta_base, neox, n_rot, freq_scale):
+    def rope(self, x, positions, theta_base, neox, n_rot, freq_scale, pos_dev=None):
         return mirror.rope(x, positions, theta_scale(theta_base, n_rot), freq_scale, n_rot, neox)
 
     def silu_gate(self, gate, up):
@@ -126,7 +126,7 @@ class MirrorDevice(_Device):
     def gelu_tanh_gate(self, gate, up):
         return mirror.gelu_tanh_gate(gate, up)
 
-    def attention(self, q, kc, vc, positions, window, scale):
+    def attention(self, q, kc, vc, positions, window, scale, pos_dev=None):
         return mirror.attention(q, kc, vc, positions, window, scale)
 
     def synchronize(self) -> None:
@@ -204,13 +204,15 @@ class CudaDevice(_Device):
         self._k("rms_norm")((x.size // D,), (mirror.NORM_THREADS,), (x, weight, np.int32(D), np.float32(eps), y))
         return y
 
-    def rope(self, x, positions, theta_base, neox, n_rot, freq_scale):
+    def rope(self, x, positions, theta_base, neox, n_rot, freq_scale, pos_dev=None):
+        """pos_dev: positions as an int32 device array already (DeviceOps caches them per pass)."""
         x = self.asarray(x)
         T, H, D = x.shape
         y = self.xp.empty_like(x)
         total = T * H * (D // 2)
+        pos = self.asarray(positions, np.int32) if pos_dev is None else pos_dev
         self._k("rope")(((total + 255) // 256,), (256,),
-                        (x, self.asarray(positions, np.int32), np.int32(T), np.int32(H), np.int32(D), np.int32(n_rot),
+                        (x, pos, np.int32(T), np.int32(H), np.int32(D), np.int32(n_rot),
                          theta_scale(theta_base, n_rot), np.float32(freq_scale), np.int32(bool(neox)), y))
         return y
 
@@ -226,7 +228,7 @@ class CudaDevice(_Device):
     def gelu_tanh_gate(self, gate, up):
         return self._gate("gelu_tanh_gate", self.asarray(gate), self.asarray(up))
 
-    def attention(self, q, kc, vc, positions, window, scale):
+    def attention(self, q, kc, vc, positions, window, scale, pos_dev=None):
         cp = self.xp
         q = self.asarray(q)
         T, H, D = q.shape
@@ -235,9 +237,10 @@ class CudaDevice(_Device):
         ns = int(pos.max()) // ATT_CHUNK + 1
         acc = cp.empty((T, H, ns, Dv), cp.float32)
         ml = cp.empty((T, H, ns, 2), cp.float32)
+        pd = self.asarray(pos, np.int32) if pos_dev is None else pos_dev
         self._k("attention_split")((ns, H, T), (128,),
-                                   (q, kc, vc, self.asarray(pos, np.int32), np.int32(H), np.int32(n_kv), np.int32(D),
-                                    np.int32(Dv), np.int32(n_rows), np.int32(window), np.float32(scale), acc, ml))
+                                   (q, kc, vc, pd, np.int32(H), np.int32(n_kv), np.int32(D), np.int32(Dv),
+                                    np.int32(n_rows), np.int32(window), np.float32(scale), acc, ml))
         out = cp.empty((T, H, Dv), cp.float32)
         self._k("attention_combine")((H, T), (min(Dv, 256),), (acc, ml, np.int32(ns), np.int32(Dv), out))
         return out

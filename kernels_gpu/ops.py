@@ -19,6 +19,19 @@ class DeviceOps:
         self.dev = dev
         self.xp = dev.xp
         self._vectors: dict[int, tuple[np.ndarray, object]] = {}  # id(host vector) -> (it, device copy)
+        self._index: dict[tuple, object] = {}  # positions / rows -> their device copy (a pass reuses them)
+
+    def index(self, a, dtype):
+        """A small host int array's device copy, cached: a pass's layers share their positions and
+        cache rows, so each is copied once per pass instead of once per op."""
+        a = np.asarray(a, dtype)
+        key = (a.tobytes(), a.dtype.str)
+        hit = self._index.get(key)
+        if hit is None:
+            if len(self._index) >= 16:
+                self._index.clear()
+            hit = self._index[key] = self.dev.asarray(a, dtype)
+        return hit
 
     def vector(self, v):
         """A host float32 vector's device copy (cached while the host array lives)."""
@@ -34,7 +47,7 @@ class DeviceOps:
 
     def rope(self, x, positions, theta_base, neox, n_rot=None, freq_scale=1.0):
         n_rot = x.shape[-1] if n_rot is None else n_rot
-        return self.dev.rope(x, positions, theta_base, neox, n_rot, freq_scale)
+        return self.dev.rope(x, positions, theta_base, neox, n_rot, freq_scale, self.index(positions, np.int32))
 
     def silu_gate(self, gate, up):
         return self.dev.silu_gate(gate, up)
@@ -50,7 +63,7 @@ class DeviceOps:
 
     def kv_store(self, cache, x, rows):
         """x (T, n_kv, head_dim) f32 into rows (T,) of a float16 cache (rounded to nearest even)."""
-        cache[self.dev.asarray(rows, np.int64)] = self.dev.asarray(x).astype(np.float16)
+        cache[self.index(rows, np.int64)] = self.dev.asarray(x).astype(np.float16)
 
     def kv_rotate(self, x, n):
         raise DeviceError("quantized KV caches run on the CPU backends only")
@@ -58,7 +71,7 @@ class DeviceOps:
     def attention(self, q, k_cache, v_cache, q_positions, scale, window=0, softcap=0.0):
         if softcap:
             raise DeviceError("attention soft-capping has no CUDA kernel")
-        return self.dev.attention(q, k_cache, v_cache, q_positions, window, scale)
+        return self.dev.attention(q, k_cache, v_cache, q_positions, window, scale, self.index(q_positions, np.int32))
 
     attention_ring = attention  # key j lives in row j % n_rows either way
 
@@ -68,7 +81,7 @@ class DeviceOps:
         rows = p % k_cache.shape[0]
         self.kv_store(k_cache, k[None], rows)
         self.kv_store(v_cache, v[None], rows)
-        return self.dev.attention(q[None], k_cache, v_cache, p, window, scale)[0]
+        return self.dev.attention(q[None], k_cache, v_cache, p, window, scale, self.index(p, np.int32))[0]
 
     def embedding_rows(self, table_raw, ggml_type, ids):
         """(n_tokens, D) f32 on the device: the requested rows dequantized on the host."""
