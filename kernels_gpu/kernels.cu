@@ -115,9 +115,12 @@ __device__ __forceinline__ void load_item(const unsigned char* row, int j, Item&
       it.sc0 = (sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4);
       it.sc1 = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
     }
-    const int* qs = (const int*)(b + 16 + 32 * (s / 2));
+    // 32 bytes in two 16-byte loads: rows are 144-byte blocks on a 256-byte aligned base
+    const int4* qs = (const int4*)(b + 16 + 32 * (s / 2));
+    int4 u = qs[0], v = qs[1];
+    int w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
     int shift = 4 * (s % 2);
-    for (int i = 0; i < 8; i++) it.q[i] = (qs[i] >> shift) & 0x0F0F0F0F;
+    for (int i = 0; i < 8; i++) it.q[i] = (w[i] >> shift) & 0x0F0F0F0F;
   } else {  // Q6_K: ql (128 B) | qh (64 B) | scales (16 B, int8 per 16 elements) | d (2 B)
     const unsigned char* b = row + 210 * (j / 8);
     int s = j % 8, h = s / 4, g = s % 4;  // half of 128 elements, group of 32 in it
@@ -179,10 +182,11 @@ __device__ void gemv(const unsigned char* __restrict__ w, int n_rows, int row_by
 #pragma unroll
     for (int t = 0; t < MAX_T; t++) {
       if (t < T) {
-        const int* h = (const int*)(xh + (size_t)t * K + QK * j);
-        const int* l = (const int*)(xl + (size_t)t * K + QK * j);
-        int hv[8], lv[8];
-        for (int i = 0; i < 8; i++) { hv[i] = h[i]; lv[i] = l[i]; }
+        const int4* h = (const int4*)(xh + (size_t)t * K + QK * j);  // 32-byte aligned blocks
+        const int4* l = (const int4*)(xl + (size_t)t * K + QK * j);
+        int4 h0 = h[0], h1 = h[1], l0 = l[0], l1 = l[1];
+        int hv[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+        int lv[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
         acc[t] += item_dot<TYPE>(it, hv, lv, xd[t * n_items + j], xs[t * n_items + j]);
       }
     }
