@@ -321,56 +321,91 @@ extern "C" __global__ void gelu_tanh_gate(const float* __restrict__ gate, const 
 #define ATT_WARPS (ATT_THREADS / 32)
 #define ATT_CHUNK 256  // keys per split
 
-// Grid (n_split, n_head, T). Query t (position pos[t]) of head h sees keys j with lo <= j <= pos[t],
-// lo = max(0, pos[t] - window + 1) when window > 0; key j lives in cache row j % n_rows (a ring for
-// sliding-window layers, the identity otherwise); q head h reads kv head h / (n_head / n_kv).
-// Split s takes the visible keys in [s * ATT_CHUNK, (s + 1) * ATT_CHUNK) and writes its max score m,
-// its sum of exp(score - m) and its exp-weighted sum of values; attention_combine merges the splits.
+#define ATT_GROUP 8  // query heads per block at most, all reading one kv head's K and V once
+
+// Grid (n_split, n_head / group, T), group (<= ATT_GROUP) dividing n_head / n_kv: block y runs query
+// heads y * group .. y * group + group - 1, which share kv head (y * group) / (n_head / n_kv), so
+// each K and V element is loaded once for all of them. Query t (position pos[t]) sees keys j with
+// lo <= j <= pos[t], lo = max(0, pos[t] - window + 1) when window > 0; key j lives in cache row
+// j % n_rows (a ring for sliding-window layers, the identity otherwise).
+// Split s takes the visible keys in [s * ATT_CHUNK, (s + 1) * ATT_CHUNK) and writes, per head, its
+// max score m, its sum of exp(score - m) and its exp-weighted sum of values; attention_combine
+// merges the splits.
 //   q     # (T, n_head, D) f32           kc # (n_rows, n_kv, D) f16     vc # (n_rows, n_kv, Dv) f16
 //   acc   # (T, n_head, n_split, Dv) f32  ml # (T, n_head, n_split, 2) f32 (m, l)
-// A score: warp w takes keys a + w, a + w + 4, ...; lane l sums q[d] k[d] for d = l, l + 32, ... in
-// order, warp_sum, times scale. l: warp 0's lanes sum p_j for j = a + lane, a + lane + 32, ..., then
-// warp_sum. acc[d]: thread d (and d + 128, ...) sums p_j v_j[d] over the split's keys in order.
+// Per head, in this order: a score: warp w takes keys a + w, a + w + 4, ...; lane l sums q[d] k[d]
+// for d = l, l + 32, ... in order, warp_sum, times scale. l: one warp's lanes sum p_j for j = a +
+// lane, a + lane + 32, ..., then warp_sum. acc[d]: thread d (and d + 128, ...) sums p_j v_j[d] over
+// the split's keys in order.
 extern "C" __global__ void attention_split(const float* __restrict__ q, const unsigned short* __restrict__ kc,
                                            const unsigned short* __restrict__ vc, const int* __restrict__ pos, int n_head,
-                                           int n_kv, int D, int Dv, int n_rows, int window, float scale,
+                                           int n_kv, int D, int Dv, int n_rows, int window, float scale, int group,
                                            float* __restrict__ acc, float* __restrict__ ml) {
-  __shared__ float p[ATT_CHUNK];
-  int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_split = gridDim.x;
+  __shared__ float p[ATT_GROUP][ATT_CHUNK];
+  __shared__ float m_g[ATT_GROUP];
+  int s = blockIdx.x, h0 = blockIdx.y * group, t = blockIdx.z, n_split = gridDim.x;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int kvh = h / (n_head / n_kv);
+  int kvh = h0 / (n_head / n_kv);
   int last = pos[t], first = window > 0 ? max(0, last - window + 1) : 0;
   int a = max(first, s * ATT_CHUNK), b = min(last + 1, (s + 1) * ATT_CHUNK);  // keys [a, b)
-  size_t o = ((size_t)t * n_head + h) * n_split + s;
-  if (a >= b) {  // nothing visible in this split
-    for (int d = threadIdx.x; d < Dv; d += ATT_THREADS) acc[o * Dv + d] = 0.0f;
-    if (threadIdx.x == 0) { ml[2 * o] = NEG_INF; ml[2 * o + 1] = 0.0f; }
+  int n = b - a;
+  if (n <= 0) {  // nothing visible in this split
+    for (int g = 0; g < group; g++) {
+      size_t o = ((size_t)t * n_head + h0 + g) * n_split + s;
+      for (int d = threadIdx.x; d < Dv; d += ATT_THREADS) acc[o * Dv + d] = 0.0f;
+      if (threadIdx.x == 0) { ml[2 * o] = NEG_INF; ml[2 * o + 1] = 0.0f; }
+    }
     return;
   }
-  const float* qr = q + ((size_t)t * n_head + h) * D;
+  const float* qr = q + ((size_t)t * n_head + h0) * D;  // head h0 + g at qr + g * D
   for (int j = a + warp; j < b; j += ATT_WARPS) {
     const unsigned short* kr = kc + ((size_t)(j % n_rows) * n_kv + kvh) * D;
-    float sum = 0.0f;
-    for (int d = lane; d < D; d += 32) sum += qr[d] * half_to_float(kr[d]);
-    sum = warp_sum(sum);
-    if (lane == 0) p[j - a] = sum * scale;
+    float sum[ATT_GROUP];
+    for (int g = 0; g < ATT_GROUP; g++) sum[g] = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+      float k = half_to_float(kr[d]);
+#pragma unroll
+      for (int g = 0; g < ATT_GROUP; g++)
+        if (g < group) sum[g] += qr[g * D + d] * k;
+    }
+#pragma unroll
+    for (int g = 0; g < ATT_GROUP; g++) {
+      if (g < group) {
+        float v = warp_sum(sum[g]);
+        if (lane == 0) p[g][j - a] = v * scale;
+      }
+    }
   }
   __syncthreads();
-  float m = NEG_INF;
-  for (int j = 0; j < b - a; j++) m = fmaxf(m, p[j]);
+  for (int g = warp; g < group; g += ATT_WARPS) {  // the max: any order gives the same value
+    float m = NEG_INF;
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, p[g][j]);
+    m = warp_max(m);
+    if (lane == 0) m_g[g] = m;
+  }
   __syncthreads();
-  for (int j = threadIdx.x; j < b - a; j += ATT_THREADS) p[j] = expf(p[j] - m);
+  for (int i = threadIdx.x; i < group * n; i += ATT_THREADS) p[i / n][i % n] = expf(p[i / n][i % n] - m_g[i / n]);
   __syncthreads();
-  if (warp == 0) {
+  for (int g = warp; g < group; g += ATT_WARPS) {
     float l = 0.0f;
-    for (int j = lane; j < b - a; j += 32) l += p[j];
+    for (int j = lane; j < n; j += 32) l += p[g][j];
     l = warp_sum(l);
-    if (lane == 0) { ml[2 * o] = m; ml[2 * o + 1] = l; }
+    if (lane == 0) {
+      size_t o = ((size_t)t * n_head + h0 + g) * n_split + s;
+      ml[2 * o] = m_g[g];
+      ml[2 * o + 1] = l;
+    }
   }
   for (int d = threadIdx.x; d < Dv; d += ATT_THREADS) {
-    float v = 0.0f;
-    for (int j = a; j < b; j++) v += p[j - a] * half_to_float(vc[((size_t)(j % n_rows) * n_kv + kvh) * Dv + d]);
-    acc[o * Dv + d] = v;
+    float v[ATT_GROUP];
+    for (int g = 0; g < ATT_GROUP; g++) v[g] = 0.0f;
+    for (int j = a; j < b; j++) {
+      float x = half_to_float(vc[((size_t)(j % n_rows) * n_kv + kvh) * Dv + d]);
+#pragma unroll
+      for (int g = 0; g < ATT_GROUP; g++)
+        if (g < group) v[g] += p[g][j - a] * x;
+    }
+    for (int g = 0; g < group; g++) acc[(((size_t)t * n_head + h0 + g) * n_split + s) * Dv + d] = v[g];
   }
 }
 

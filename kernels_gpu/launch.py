@@ -19,7 +19,7 @@ import numpy as np
 
 from ..quant.ggml_types import GGMLType
 from . import mirror
-from .mirror import ATT_CHUNK, MAX_T, QK, TYPES
+from .mirror import ATT_CHUNK, ATT_GROUP, MAX_T, QK, TYPES
 
 SOURCE = Path(__file__).with_name("kernels.cu")
 NVRTC_OPTIONS = ("-fmad=false",)  # no multiply-add contraction: the mirrors' float order
@@ -238,9 +238,10 @@ class CudaDevice(_Device):
         acc = cp.empty((T, H, ns, Dv), cp.float32)
         ml = cp.empty((T, H, ns, 2), cp.float32)
         pd = self.asarray(pos, np.int32) if pos_dev is None else pos_dev
-        self._k("attention_split")((ns, H, T), (128,),
+        g = max(d for d in range(1, ATT_GROUP + 1) if (H // n_kv) % d == 0)  # query heads per block
+        self._k("attention_split")((ns, H // g, T), (128,),
                                    (q, kc, vc, pd, np.int32(H), np.int32(n_kv), np.int32(D), np.int32(Dv),
-                                    np.int32(n_rows), np.int32(window), np.float32(scale), acc, ml))
+                                    np.int32(n_rows), np.int32(window), np.float32(scale), np.int32(g), acc, ml))
         out = cp.empty((T, H, Dv), cp.float32)
         self._k("attention_combine")((H, T), (min(Dv, 256),), (acc, ml, np.int32(ns), np.int32(Dv), out))
         return out

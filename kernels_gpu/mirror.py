@@ -20,6 +20,7 @@ QK = 32
 XMAX = F32(16256.0)  # 127 * 128
 MAX_T = 8  # tokens per GEMV launch
 ATT_CHUNK = 256  # keys per attention split
+ATT_GROUP = 8  # query heads of one kv head per attention block, at most (the arithmetic is per head)
 NORM_THREADS = 128
 BLOCK_BYTES = {GGMLType.Q4_K: 144, GGMLType.Q6_K: 210, GGMLType.Q8_0: 34, GGMLType.Q5_0: 22}
 ITEMS_PER_BLOCK = {GGMLType.Q4_K: 8, GGMLType.Q6_K: 8, GGMLType.Q8_0: 1, GGMLType.Q5_0: 1}
