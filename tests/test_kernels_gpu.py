@@ -230,6 +230,29 @@ def test_cuda_arithmetic_teacher_forced_deviation_no_larger_than_llama_cpp():
     assert 0 < max(ours) <= max(theirs) and np.median(ours) <= np.median(theirs)
 
 
+def test_cuda_batched_rows_give_a_lone_decode_bits():
+    """Parallel decoding (`--parallel`, the server) batches one token of several sequences; on the
+    cuda backend, with blocks on both sides, each row gets the bits a lone decode step gives."""
+    from edgellm.runtime.config import RuntimeConfig
+    from edgellm.runtime.engine import Engine
+
+    eng = Engine(model_file("gemma3-270m"), RuntimeConfig(backend="cuda-mirror", n_ctx=128, gpu_layers=9))
+    try:
+        prompts = [eng.tokenizer.encode("Hello there"), eng.tokenizer.encode("The sky is")]
+        seqs = []
+        for ids in prompts:
+            old = eng.switch(eng.new_sequence())
+            eng.prefill(ids[:-1])
+            seqs.append(eng.switch(old))
+        rows = eng.decode_rows(seqs, [p[-1] for p in prompts])
+        for r, ids in enumerate(prompts):
+            eng.switch(eng.new_sequence())
+            eng.prefill(ids[:-1])
+            assert np.array_equal(rows[r], eng.decode_one(ids[-1]))
+    finally:
+        eng.close()
+
+
 def test_gpu_budget_too_small_is_one_line():
     from edgellm.errors import EdgeLLMError
 
