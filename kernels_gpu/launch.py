@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EdgeLLMError
 from ..quant.ggml_types import GGMLType
 from . import mirror
 from .mirror import ATT_CHUNK, ATT_GROUP, MAX_T, QK, TYPES
@@ -27,8 +28,8 @@ DEQUANT_BYTES = 32 << 20  # float32 rows dequantized at a time for a prefill pro
 _NAME = {GGMLType.Q4_K: "q4_k", GGMLType.Q6_K: "q6_k", GGMLType.Q8_0: "q8_0", GGMLType.Q5_0: "q5_0"}
 
 
-class DeviceError(RuntimeError):
-    """No usable GPU, or a CUDA failure: one line naming the cause."""
+class DeviceError(EdgeLLMError):
+    """No usable GPU, or what the GPU path does not do: one line naming the cause."""
 
 
 @dataclass
