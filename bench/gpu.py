@@ -134,7 +134,7 @@ def gemv_bandwidth(dev, path, copy_gbs: float, total: int = 2 << 30) -> dict:
     return out
 
 
-def speeds(name: str, path, **gpu) -> dict:
+def speeds(path, **gpu) -> dict:
     from edgellm.runtime import bench as rb
     from edgellm.runtime.config import RuntimeConfig
     from edgellm.runtime.engine import Engine
@@ -143,6 +143,7 @@ def speeds(name: str, path, **gpu) -> dict:
     try:
         r = rb.measure(eng, 512, 64, 3)
         r["backend"] = eng.backend
+        r["device_memory"] = eng.placement.gpu.dev.memory()  # the pool after the runs: what they held
         return r
     finally:
         eng.close()
@@ -220,11 +221,11 @@ def main() -> int:
     if big is not None and isinstance(rep["copy_gb_per_s"], float):
         step("gemv", lambda: gemv_bandwidth(dev, big, rep["copy_gb_per_s"]))
     for m, p in files.items():
-        step(f"speed {m}", lambda m=m, p=p: speeds(m, p))
+        step(f"speed {m}", lambda p=p: speeds(p))
         step(f"accuracy {m}", lambda m=m, p=p: accuracy(m, p))
     if "qwen2.5-coder-1.5b" in files:
         p = files["qwen2.5-coder-1.5b"]
-        step("speed qwen2.5-coder-1.5b gpu-memory-budget 512M", lambda: speeds("qwen2.5-coder-1.5b", p, gpu_memory_budget="512M"))
+        step("speed qwen2.5-coder-1.5b gpu-memory-budget 512M", lambda: speeds(p, gpu_memory_budget="512M"))
         step("accuracy qwen2.5-coder-1.5b gpu-memory-budget 512M",
              lambda: accuracy("qwen2.5-coder-1.5b", p, gpu_memory_budget="512M"))
     c = rep["checks"]

@@ -130,9 +130,6 @@ class MirrorDevice(_Device):
     def attention(self, q, kc, vc, positions, window, scale, pos_dev=None):
         return mirror.attention(q, kc, vc, positions, window, scale)
 
-    def synchronize(self) -> None:
-        pass
-
     def memory(self) -> dict:
         return {}
 
@@ -246,9 +243,6 @@ class CudaDevice(_Device):
         out = cp.empty((T, H, Dv), cp.float32)
         self._k("attention_combine")((H, T), (min(Dv, 256),), (acc, ml, np.int32(ns), np.int32(Dv), out))
         return out
-
-    def synchronize(self) -> None:
-        self.xp.cuda.Device().synchronize()
 
     def memory(self) -> dict:
         free, total = self.xp.cuda.runtime.memGetInfo()

@@ -48,7 +48,8 @@ def select_kernels(backend: str | None, threads: int | str):
     try:
         return linear.select(backend or None, threads)
     except ValueError as e:
-        raise EdgeLLMError(str(e)) from None
+        also = f" (or {', '.join(GPU_BACKENDS)})" if backend else ""
+        raise EdgeLLMError(f"{e}{also}") from None
 
 
 def peak_rss_bytes() -> int:

@@ -19,6 +19,7 @@ from ..kernels_gpu.launch import TYPES, DeviceError, Weight, open_device
 from ..kernels_gpu.ops import DeviceOps
 from ..offload.planner import fmt
 from .kv_cache import make_caches
+from .weights import Weights
 
 BACKENDS = ("cuda", "cuda-mirror")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -117,6 +118,8 @@ class Placement:
         self.stream = None
         if budget is not None:
             self.stream = SlotStream(self, budget, rcfg)
+        self._gpu_store = Weights(f, gpu.make_linear)
+        self._cpu_store = Weights(f, cpu.make_linear) if cpu is not None else None
         self._linear: dict[str, Callable] = {}
         self._group: dict[tuple, Callable] = {}
         self._vector: dict[str, object] = {}
@@ -136,18 +139,14 @@ class Placement:
         return name in self.f.tensors
 
     def linear(self, name: str):
+        """A matrix on its side: resident ones from that side's weight store (runtime/weights.py),
+        streamed ones read from whichever slot holds their block."""
         fn = self._linear.get(name)
         if fn is None:
-            t = self.f.info(name)
-            if len(t.shape) != 2:
-                raise EdgeLLMError(f"tensor '{name}' has shape {t.shape}; expected a matrix")
-            if not self.on_gpu(name):
-                fn = self.cpu.make_linear(self.f.rows(name), t.type, t.shape[0])
-            elif self.stream is not None and self.stream.streamed(name):
+            if self.stream is not None and self.stream.streamed(name):
                 fn = Linear(self.gpu.dev, self.stream.getter(name))
             else:
-                fn = self.gpu.make_linear(self.f.rows(name), t.type, t.shape[0])
-                self.f.drop_pages(name)
+                fn = (self._gpu_store if self.on_gpu(name) else self._cpu_store).linear(name)
             self._linear[name] = fn
         return fn
 
@@ -178,6 +177,8 @@ class Placement:
         for name, t in self.f.tensors.items():
             if len(t.shape) == 2 and (name != "token_embd.weight" or self._tied()):
                 self.linear(name)
+                if self.on_gpu(name) and not (self.stream is not None and self.stream.streamed(name)):
+                    self.f.drop_pages(name)  # on the device now (streamed ones: once copied to pinned memory)
             elif len(t.shape) == 1:
                 self.vector(name)
         if self.stream is not None:
@@ -279,7 +280,7 @@ class SlotStream:
         self.sizes, self.budget, self.fixed = sizes, budget, fixed
         if self.dev.xp is not np:  # the pool refuses what the plan did not count
             self.dev.xp.get_default_memory_pool().set_limit(size=budget)
-        self.layout: dict[str, tuple[int, int, object]] = {}  # matrix -> (offset, nbytes, type)
+        self.layout: dict[str, tuple[int, int]] = {}  # matrix -> (offset, nbytes) in a slot
         self.host: dict[int, np.ndarray] = {}  # streamed block -> its matrices' bytes, pinned where CUDA
         self.slots: list = []
         self.slot_of: dict[int, int] = {}  # streamed block -> the slot holding it now
@@ -295,7 +296,7 @@ class SlotStream:
         t = self.p.f.info(name)
 
         def get():
-            off, n, _ = self.layout[name]
+            off, n = self.layout[name]
             slot = self.slots[self.slot_of[i]]
             raw = slot[off : off + n].reshape(t.shape[1], -1)
             return Weight(raw, t.type, t.shape[1], t.shape[0])
@@ -316,11 +317,11 @@ class SlotStream:
                                    f"bytes; give --gpu-memory-budget room for block {i}")
             off = 0
             for n in names:
-                self.layout[n] = (off, f.info(n).nbytes, f.info(n).type)
+                self.layout[n] = (off, f.info(n).nbytes)
                 off += _aligned(f.info(n).nbytes)
             buf = self._pinned(off)
             for n in names:
-                o, nb, _ = self.layout[n]
+                o, nb = self.layout[n]
                 buf[o : o + nb] = np.ascontiguousarray(f.rows(n)).reshape(-1)
                 f.drop_pages(n)
             self.host[i] = buf
@@ -383,6 +384,9 @@ class SlotStream:
         self.wait_s += time.perf_counter() - t0
 
     def telemetry(self) -> dict:
+        """bytes_read: bytes copied to the device; io_wait_s: host seconds spent issuing the copies
+        (copying, on the mirror). On a GPU the compute stream waits for a copy on an event, a wait
+        the host does not see without synchronizing."""
         return {"io_wait_s": self.wait_s, "bytes_read": self.copied}
 
     def describe(self) -> str:
