@@ -71,7 +71,7 @@ def _size(n: int) -> str:
 CACHE_TYPE = typer.Option("f16", "--cache-type", help="KV cache type: f16, q8_0 (half the bytes) or q4_0 "
                           "(blocks of 32 values, as llama.cpp's -ctk/-ctv)")
 BACKEND = typer.Option(None, "--backend", help="kernels: numba (default), numpy (the exact path), cuda (the GPU: "
-                       "pip install -e '.[gpu]'), cuda-mirror (the cuda backend on numpy mirrors of its kernels)")
+                       "pip install -e '.\\[gpu]'), cuda-mirror (the cuda backend on numpy mirrors of its kernels)")
 GPU_LAYERS = typer.Option(None, "--gpu-layers", "-ngl", min=0, help="--backend cuda: the first N blocks on the GPU, "
                           "the rest and the output head on the CPU (default: all)")
 GPU_BUDGET = typer.Option(None, "--gpu-memory-budget", help="--backend cuda: GPU memory to use, e.g. 512M; blocks "

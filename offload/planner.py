@@ -202,12 +202,13 @@ def _spread(units: list[Unit], budget: int) -> set[str]:
 
 
 def plan(budget: int, s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELINE,
-         window: int | None = None, threads: int = 2, n_logits: int = 1, slack: int = SLACK) -> Plan:
+         window: int | None = None, threads: int = 2, n_logits: int = 1, slack: int = SLACK, n_seq: int = 1) -> Plan:
     """Fit the model into `budget` bytes (see the module docstring); BudgetError if it cannot.
-    `n_logits`: tokens whose logits one pass returns (1 for generation, n_batch for perplexity)."""
-    kv = s.kv_bytes_per_token * n_ctx
-    fixed = {"process (Python, numpy, numba)": baseline, "KV cache": kv, "small tensors (norms, biases)": s.small_bytes,
-             "slack (page cache, allocator)": slack}
+    `n_logits`: tokens whose logits one pass returns (1 for generation, n_batch for perplexity);
+    `n_seq`: sequences with a KV cache each (parallel generation)."""
+    kv = s.kv_bytes_per_token * n_ctx * n_seq
+    fixed = {"process (Python, numpy, numba)": baseline, "KV cache" if n_seq == 1 else f"KV caches ({n_seq} sequences)": kv,
+             "small tensors (norms, biases)": s.small_bytes, "slack (page cache, allocator)": slack}
     slot = _huge(max(u.span for u in s.units))
     want_batch = max(1, min(n_batch, n_ctx))
 
@@ -259,9 +260,9 @@ def plan(budget: int, s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = B
                 slot if slots else 0, b, parts, sum(u.span for u in s.units if u.name in streamed))
 
 
-def full_memory(s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELINE) -> int:
+def full_memory(s: ModelSizes, n_ctx: int, n_batch: int, baseline: int = BASELINE, n_seq: int = 1) -> int:
     """Bytes the model needs with every weight resident (for choosing streaming automatically)."""
-    return baseline + s.kv_bytes_per_token * n_ctx + s.small_bytes + SLACK + s.weight_bytes \
+    return baseline + s.kv_bytes_per_token * n_ctx * n_seq + s.small_bytes + SLACK + s.weight_bytes \
         + activation_bytes(s, max(1, min(n_batch, n_ctx)))
 
 

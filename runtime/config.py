@@ -149,8 +149,7 @@ def _check_parallel(c: RuntimeConfig) -> None:
     if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 16:
         raise ConfigError(f"parallel must be 1..16, not {p!r}")
     if p > 1:
-        for what, on in (("a cluster", c.cluster), ("a memory budget", c.memory_budget is not None),
-                         ("speculative decoding", c.draft or c.lookup)):
+        for what, on in (("a cluster", c.cluster), ("speculative decoding", c.draft or c.lookup)):
             if on:
                 raise ConfigError(f"parallel sequences do not run with {what} yet")
 

@@ -232,21 +232,22 @@ class Engine:
 
         budget = rcfg.memory_budget
         if budget is None:
-            budget = offload.auto_budget(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, cache_type=rcfg.cache_type)
+            budget = offload.auto_budget(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, cache_type=rcfg.cache_type,
+                                         n_seq=rcfg.parallel)
         if budget is None:
             return None, None
         from ..kernels_cpu.qmatmul import tile_rows
 
         if rcfg.fit_ctx:  # no context asked for: the longest that fits, said in one line
             n = offload.fit_context(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
-                                    row_align=tile_rows, cache_type=rcfg.cache_type)
+                                    row_align=tile_rows, cache_type=rcfg.cache_type, n_seq=rcfg.parallel)
             if n < min(rcfg.n_ctx, self.config.n_ctx_train):
                 import sys
                 print(f"edgellm: a context of {rcfg.n_ctx} tokens does not fit a memory budget of "
                       f"{offload.fmt(budget)}; using {n} (--ctx sets it)", file=sys.stderr)
                 rcfg = self.rcfg = replace(rcfg, n_ctx=n, n_batch=min(rcfg.n_batch, n))
         return offload.plan_for(self.file, self.config, rcfg.n_ctx, rcfg.n_batch, rcfg.max_threads, budget,
-                                row_align=tile_rows, cache_type=rcfg.cache_type)
+                                row_align=tile_rows, cache_type=rcfg.cache_type, n_seq=rcfg.parallel)
 
     # --- the forward passes ---
 

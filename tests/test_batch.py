@@ -89,11 +89,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_passes():
     assert len(llm.tokenizer.encode(long_prompt)) > 96 and "PD1PD1PD1PD1PD1PD1P" in pattern, pattern
 
 
+def test_parallel_streams_under_a_memory_budget(lone):
+    """Three requests on three slots with weights streamed under a budget (three KV caches in the
+    plan): one read of the window per pass serves them all, and each reply is the lone reply."""
+    from edgellm.offload.planner import measure_baseline
+
+    budget = measure_baseline() + 250 * (1 << 20)  # the 491 MB model cannot stay resident
+    with edgellm.load(MODEL, ctx=512, parallel=3, memory_budget=budget) as llm:
+        plan, tel = llm._engine.plan, llm._engine.weights.telemetry
+        assert plan.streamed and "KV caches (3 sequences)" in plan.parts
+        got = _together(llm, [lambda p=p: llm.generate(p, temperature=0, max_tokens=12) for p in PROMPTS[:3]])
+        assert tel["bytes_read"] > 0
+    assert got == [lone.generate(p, temperature=0, max_tokens=12) for p in PROMPTS[:3]]
+
+
 def test_parallel_is_checked():
     with pytest.raises(ConfigError, match="parallel must be 1..16"):
         RuntimeConfig(parallel=17)
     with pytest.raises(ConfigError, match="speculative"):
         RuntimeConfig(parallel=2, lookup=3)
+    with pytest.raises(ConfigError, match="a cluster"):
+        RuntimeConfig(parallel=2, cluster="127.0.0.1:9000")
 
 
 def test_fifty_concurrent_requests_are_answered_or_refused():

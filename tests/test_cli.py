@@ -70,3 +70,10 @@ def test_unknown_model_and_bad_rm(tmp_path):
 def test_bad_option_exits_nonzero():
     r = run_cli("show", "gemma3-270m", "--ctx", "-5")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_help_shows_the_gpu_extra_in_full():
+    """Square brackets in help text are rich markup unless escaped: the extra's name must survive."""
+    r = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "240"}, terminal_width=240)
+    assert r.exit_code == 0
+    assert "pip install -e '.[gpu]'" in r.stdout and "HOST:PORT[,...]" in r.stdout

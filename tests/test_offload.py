@@ -62,6 +62,21 @@ def test_refusal_mentions_ctx_when_the_kv_cache_is_large():
         P.plan(300 * MB, sizes(), n_ctx=32768, n_batch=512)
 
 
+def test_parallel_sequences_each_get_a_kv_cache_in_the_plan():
+    """n_seq caches of n_ctx come out of the budget: less room for resident weights, and a budget
+    that fits one sequence's cache but not four of them is refused, naming the caches."""
+    s = sizes()
+    one = P.plan(400 * MB, s, n_ctx=2048, n_batch=512, baseline=P.BASELINE)
+    four = P.plan(400 * MB, s, n_ctx=2048, n_batch=512, baseline=P.BASELINE, n_seq=4)
+    assert one.parts["KV cache"] * 4 == four.parts["KV caches (4 sequences)"] == s.kv_bytes_per_token * 2048 * 4
+    assert four.total <= four.budget and len(four.resident) < len(one.resident)
+    kv4 = 4 * s.kv_bytes_per_token * 2048
+    tight = P.BASELINE + kv4 + s.small_bytes + P.SLACK + P.activation_bytes(s, P.MIN_BATCH) + max(u.span for u in s.units) - 1
+    P.plan(tight, s, n_ctx=2048, n_batch=512, baseline=P.BASELINE)  # one cache fits
+    with pytest.raises(P.BudgetError, match=r"KV caches \(4 sequences\)"):
+        P.plan(tight, s, n_ctx=2048, n_batch=512, baseline=P.BASELINE, n_seq=4)
+
+
 @pytest.mark.parametrize("budget_mb", [260, 300, 350, 400, 600, 800])
 def test_plan_fits_the_budget(budget_mb):
     s = sizes()
