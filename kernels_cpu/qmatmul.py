@@ -288,11 +288,8 @@ def _task(board, epoch):
             if left >= 8 and code == Q4_K and nb < 16:  # (8 tokens x 1 row: measured best for short Q4_K rows)
                 _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 8, 1)
                 t0 += 8
-            elif left >= 4 and (code != Q4_K or nb >= 16):  # 4 x 2 rows: halves the activation reads
-                # (long rows' activations outgrow L1: Q4_K 1536x8960 at 8 tokens 213 -> 251 G ops/s)
-                _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 4, 2)
-                t0 += 4
-            elif left >= 4:
+            elif left >= 4:  # 4 x 1 row: 8 accumulators stay in registers (4 x 2 rows spill them:
+                # Zen 2, qwen 0.5B, bench/parallel.py 4 streams 56.8 -> 61.1 tok/s)
                 _rows(code, raw, r0, r1, rb, nb, xq1, xd1, xs1, x4n1, t0, kp, out, o, n_w_rows, 4, 1)
                 t0 += 4
             elif left >= 2:

@@ -20,9 +20,10 @@ Kp is K padded to a multiple of 64 with zeros, so a pair of 32-blocks can always
 Per 64 weights: one unsigned 64-byte vector of quants against both parts of x through
 `simd.dp4x2` (two vpdpbusd on VNNI CPUs, four vpmaddwd on AVX2), 16 int32 lanes of 4-element
 sums (exact), converted to float and multiplied lane by lane by the (weight scale x activation
-scale) of the block each lane belongs to, accumulated in 16 float lanes (Q4_K, Q6_K, Q8_0, Q5_0:
-two sets, alternate 64-weight groups or pairs of blocks, so a row's fma chain is half as long),
-added and summed in a fixed order per row. The result is a function of the row and the token's
+scale) of the block each lane belongs to, accumulated into 8 float lanes, high half then low half
+(Q4_K, Q6_K, Q8_0, Q5_0: two sets, alternate 64-weight groups or pairs of blocks, so a row's fma
+chain is half as long; Q4_K's mins go into the first), added and summed in a fixed order per row.
+Two registers per (row, token) let a call of 4 tokens keep all its sums in registers. The result is a function of the row and the token's
 x alone: no dependence on threads, on the rows or tokens sharing the call, or on the CPU path
 (all paths compute the same integers; the float work is identical).
 
@@ -106,14 +107,23 @@ def _acc(builder, ty):
     return cgutils.alloca_once_value(builder, ir.Constant(ty, [0.0] * ty.count))
 
 
-def _add_to(builder, slot, v):
-    builder.store(builder.fadd(builder.load(slot), v), slot)
+def _fma_halves(builder, slot, a, b):
+    """slot (<8 x float>) += a * b for a, b <16 x float>: the high halves' product first, then
+    the low halves' (two fused steps of one chain). One 8-lane accumulator per chain keeps a
+    (row, token) pair in two registers, so a pass of 4 tokens holds its sums without spilling
+    them to the stack; the order is the same for any pass, so a token's bits stay its own.
+    llvm.fmuladd is one fused instruction in every copy compiled for this CPU: all paths agree."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F, [V8F] * 3), "llvm.fmuladd.v8f32")
+
+    def half(v, h):
+        return shuffle(builder, v, v, range(8 * h, 8 * h + 8))
+    mid = builder.call(f, [half(a, 1), half(b, 1), builder.load(slot)])
+    builder.store(builder.call(f, [half(a, 0), half(b, 0), mid]), slot)
 
 
-def _fma_to(builder, slot, a, b):
-    """slot += a * b, fused (one rounding) where the CPU has FMA: llvm.fmuladd is the same
-    instruction in every copy compiled for this CPU, so all paths still agree bit for bit."""
-    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16F, [V16F] * 3), "llvm.fmuladd.v16f32")
+def _fma8_to(builder, slot, a, b):
+    """slot (<8 x float>) += a * b, fused."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F, [V8F] * 3), "llvm.fmuladd.v8f32")
     builder.store(builder.call(f, [a, b, builder.load(slot)]), slot)
 
 
@@ -166,9 +176,8 @@ def _nibbles(builder, blk, off):
 
 @_row_intrinsic
 def _row_q4_k(builder, isa, rows, nb, toks, fetch):
-    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
-    acc2 = [[_acc(builder, V16F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
-    macc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
+    acc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
+    acc2 = [[_acc(builder, V8F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
     low4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
 
     def c8(n):
@@ -179,7 +188,7 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
         dx = [load_vec(builder, x["xd"], o8, V8F) for x in toks]
         xs = [load_vec(builder, x["xs"], o8, V8F) for x in toks]
         blks, s8 = [], []
-        for row, mr in zip(rows, macc):
+        for row, ar in zip(rows, acc):
             blk = builder.gep(row, [builder.mul(b, _i64(144))])
             if fetch:
                 _prefetch(builder, blk, 144)
@@ -195,10 +204,10 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
             mn = builder.select(low4, builder.and_(mid, c8(63)),
                                 builder.or_(builder.lshr(a, c8(4)), builder.shl(builder.lshr(mid, c8(6)), c8(4))))
             dsc = builder.fmul(builder.uitofp(sc, V8F), shuffle(builder, dd, dd, [0] * 8))
-            dmn = builder.fmul(builder.uitofp(mn, V8F), shuffle(builder, dd, dd, [1] * 8))
+            dmn = builder.fmul(builder.uitofp(mn, V8F), builder.fneg(shuffle(builder, dd, dd, [1] * 8)))  # -dmin m_j
             s8.append([builder.fmul(dsc, dxt) for dxt in dx])  # (d * sc_j) * dx_j
-            for ma, xst in zip(mr, xs):
-                _add_to(builder, ma, builder.fmul(dmn, xst))
+            for ac, xst in zip(ar, xs):
+                _fma8_to(builder, ac, dmn, xst)  # - dmin m_j * sum(x) over sub-block j
             blks.append(blk)
         for j in range(4):
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * j))
@@ -207,15 +216,15 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
                 w = _nibbles(builder, blk, _i64(16 + 32 * j))
                 for xvt, ac, s in zip(xv, ar, sr):
                     f = builder.sitofp(dp4x2(builder, isa, ZERO16, w, xvt), V16F)
-                    _fma_to(builder, ac, f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8))
-    return [[builder.fsub(hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))), hsum(builder, builder.load(ma)))
-             for ac, a2, ma in zip(ar, ar2, mr)] for ar, ar2, mr in zip(acc, acc2, macc)]
+                    _fma_halves(builder, ac, f, _lanes(builder, s, [2 * j] * 8 + [2 * j + 1] * 8))
+    return [[hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))) for ac, a2 in zip(ar, ar2)]
+            for ar, ar2 in zip(acc, acc2)]
 
 
 @_row_intrinsic
 def _row_q6_k(builder, isa, rows, nb, toks, fetch):
-    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
-    acc2 = [[_acc(builder, V16F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
+    acc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
+    acc2 = [[_acc(builder, V8F) for _ in toks] for _ in rows]  # odd groups: two fma chains per row
 
     def c32(n):
         return const_vec(8, [n] * 32)
@@ -253,7 +262,7 @@ def _row_q6_k(builder, isa, rows, nb, toks, fetch):
                     w = concat(builder, e[2 * g], e[2 * g + 1])
                     for xvt, it, ac, s in zip(xv, init, ar, sr):
                         f = builder.sitofp(dp4x2(builder, isa, it, w, xvt), V16F)
-                        _fma_to(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
+                        _fma_halves(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
     return [[hsum(builder, builder.fadd(builder.load(ac), builder.load(a2))) for ac, a2 in zip(ar, ar2)]
             for ar, ar2 in zip(acc, acc2)]
 
@@ -297,7 +306,7 @@ def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, 
     weights(blk) -> 4 <64 x i8>, group grp's unsigned quants: elements 64 grp + i, the last 32
     times 4 (_FIELDS); offset_log2: the quants' constant offset (q - 2^offset_log2), or None.
     Mins meet each token's (sums of v) * dx per sub-block in one fma per super-block."""
-    acc = [[_acc(builder, V16F) for _ in toks] for _ in rows]
+    acc = [[_acc(builder, V8F) for _ in toks] for _ in rows]
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         dx16 = [_dx16(builder, x, b) for x in toks]
@@ -315,7 +324,7 @@ def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, 
             xm = [builder.fmul(builder.sitofp(_sums16(builder, x, b), V16F), dxt) for x, dxt in zip(toks, dx16)]
             for dmn, ar in zip(m16, acc):
                 for xmt, ac in zip(xm, ar):
-                    _fma_to(builder, ac, xmt, dmn)  # - dmin m * sum(x) per sub-block
+                    _fma_halves(builder, ac, xmt, dmn)  # - dmin m * sum(x) per sub-block
         for grp in range(4):  # elements 64 grp .. 64 grp + 63: sub-blocks 4 grp .. 4 grp + 3
             elem = builder.add(builder.mul(b, _i64(256)), _i64(64 * grp))
             xv = [_xv(builder, x, elem, isa) for x in toks]
@@ -327,7 +336,7 @@ def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, 
             for w, ar, sr in zip(ws, acc, s16):
                 for xvt, it, ac, s in zip(xv, init, ar, sr):
                     f = builder.sitofp(dp4x2(builder, isa, it, w[grp], xvt), V16F)
-                    _fma_to(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
+                    _fma_halves(builder, ac, f, _lanes(builder, s, [4 * grp + i // 4 for i in range(16)]))
     return [[hsum(builder, builder.load(ac)) for ac in ar] for ar in acc]
 
 
@@ -389,7 +398,7 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
     signed_shift is None), blk1 None for a lone block (its quants zero);
     signed_shift: the offset's log2 for unsigned quants (q - 2^shift). Pairs 2i and 2i + 1 go
     into two accumulators (two fma chains per row), a last pair and a lone block into the first."""
-    accs = [[[_acc(builder, V16F) for _ in toks] for _ in rows] for _ in range(2)]
+    accs = [[[_acc(builder, V8F) for _ in toks] for _ in rows] for _ in range(2)]
 
     def pair(i, lone, acc):
         b0 = builder.mul(i, _i64(2))
@@ -411,7 +420,7 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
                 else:
                     dots = dp4x2(builder, isa, builder.shl(x4t, const_vec(32, [signed_shift] * 16)), w, xvt)
                 s = builder.fmul(dw, dxt)  # (d0 dx0, d1 dx1)
-                _fma_to(builder, ac, builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8))
+                _fma_halves(builder, ac, builder.sitofp(dots, V16F), _lanes(builder, s, [0] * 8 + [1] * 8))
 
     with cgutils.for_range(builder, builder.sdiv(nb, _i64(4))) as loop:
         pair(builder.mul(loop.index, _i64(2)), False, accs[0])
