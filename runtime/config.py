@@ -1,6 +1,7 @@
 """The two configurations: what the model file says (ModelConfig) and what the user chose (RuntimeConfig)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,9 @@ class RuntimeConfig:
 
 
 def _check_gpu(c: RuntimeConfig) -> None:
+    env = os.environ.get("EDGELLM_BACKEND", "").strip().lower()
+    if c.backend is None and env in ("cuda", "cuda-mirror"):  # (the CPU names are kernels_cpu.linear's)
+        object.__setattr__(c, "backend", env)
     gpu = c.backend in ("cuda", "cuda-mirror")
     n = c.gpu_layers
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 4096):

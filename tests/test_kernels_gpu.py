@@ -5,6 +5,7 @@ with --gpu-layers and --gpu-memory-budget; without a GPU `--backend cuda` is one
 Tests marked `gpu` run the real kernels against the mirrors and skip without a device."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -253,6 +254,15 @@ def test_cuda_batched_rows_give_a_lone_decode_bits():
         eng.close()
 
 
+def test_environment_chooses_a_gpu_backend(monkeypatch):
+    from edgellm.runtime import RuntimeConfig
+
+    monkeypatch.setenv("EDGELLM_BACKEND", "cuda-mirror")
+    assert RuntimeConfig().backend == "cuda-mirror" and RuntimeConfig(backend="numpy").backend == "numpy"
+    monkeypatch.setenv("EDGELLM_BACKEND", "numpy")  # a CPU name stays kernels_cpu's to resolve
+    assert RuntimeConfig().backend is None
+
+
 def test_gpu_budget_too_small_is_one_line():
     from edgellm.errors import EdgeLLMError
 
@@ -272,6 +282,11 @@ def test_cli_backend_cuda_without_gpu_is_one_line():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(r"--backend cuda: (the cuda backend needs CuPy|no usable CUDA device|"
                                          r"no CUDA device found)", lines[0]), r.stderr
+    env = dict(os.environ, EDGELLM_BACKEND="cuda")  # the environment's default backend, no option given
+    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(model_file("gemma3-270m")), "Hi", "-n", "2"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--backend cuda:" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(model_file("gemma3-270m")), "Hi",
                         "--gpu-layers", "3", "-n", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "need backend 'cuda'" in r.stderr and "Traceback" not in r.stderr
