@@ -23,9 +23,10 @@ sums (exact), converted to float and multiplied lane by lane by the (weight scal
 scale) of the block each lane belongs to, accumulated into 8 float lanes, high half then low half
 (Q4_K, Q6_K, Q8_0, Q5_0: two sets, alternate 64-weight groups or pairs of blocks, so a row's fma
 chain is half as long; Q4_K's mins go into the first), added and summed in a fixed order per row.
-Two registers per (row, token) let a call of 4 tokens keep all its sums in registers. The result is a function of the row and the token's
-x alone: no dependence on threads, on the rows or tokens sharing the call, or on the CPU path
-(all paths compute the same integers; the float work is identical).
+Two registers per (row, token) let a call of 4 tokens keep all its sums in registers. The result
+is a function of the row and the token's x alone: no dependence on threads, on the rows or tokens
+sharing the call, or on the CPU path (all paths compute the same integers; the float work is
+identical).
 
 Block layouts (bytes): Q4_K 144 = d, dmin (f16), 12 packed 6-bit scales/mins, 128 nibbles (4
 chunks of 64 elements, low nibbles first); Q6_K 210 = 128 low nibbles, 64 bytes of 2-bit highs,
