@@ -360,3 +360,39 @@ def test_device_check_script_without_gpu_and_on_mirrors():
     spec.loader.exec_module(mod)
     res = mod.kernels_vs_mirrors(launch.MirrorDevice(), {"gemma3-270m": model_file("gemma3-270m")})
     assert len(res) == 7 and all(res.values()), res
+
+
+def test_device_check_twin_keeps_the_header_and_replaces_the_weights(tmp_path):
+    """bench/gpu.py --twin: the real header (metadata, tokenizer, every tensor's shape, type and
+    offset) over random blocks of finite, modest values, which the GGUF reader and the engine accept."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgellm.loaders.gguf import GGUFFile
+    from edgellm.runtime.config import RuntimeConfig
+    from edgellm.runtime.engine import Engine
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "bench" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = model_file("gemma3-270m")
+    mod.write_header(real, tmp_path / "h.gz")
+    assert (tmp_path / "h.gz").stat().st_size < 4 << 20  # the header only, gzipped
+    twin = mod.build_twin(tmp_path / "h.gz", tmp_path / "twin.gguf")
+    a, b = GGUFFile(real), GGUFFile(twin)
+    assert a.file_size == b.file_size and list(a.metadata) == list(b.metadata)
+    assert all(np.array_equal(np.asarray(a.metadata[k]), np.asarray(b.metadata[k])) for k in a.metadata)
+    assert [(t.name, t.shape, t.type, t.offset) for t in a.tensors.values()] == \
+           [(t.name, t.shape, t.type, t.offset) for t in b.tensors.values()]
+    for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "token_embd.weight", "output_norm.weight"):
+        t = b.info(name)
+        w = dequantize(np.asarray(b.raw(name)).reshape(-1), t.type)
+        assert np.isfinite(w).all() and 0 < np.abs(w).max() < 4
+        assert not np.array_equal(np.asarray(a.raw(name)), np.asarray(b.raw(name)))
+    a.close()
+    b.close()
+    eng = Engine(str(twin), RuntimeConfig(backend="numpy", n_ctx=64))
+    try:
+        assert np.isfinite(eng.prefill([2, 100, 200])).all()
+    finally:
+        eng.close()
