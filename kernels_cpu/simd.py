@@ -149,6 +149,12 @@ def dp4_signed(builder, acc, w, x):
     return builder.add(acc, _sum4(builder, prod))
 
 
+def acc_lanes(isa: int) -> int:
+    """Float lanes of a row kernel's accumulators on path isa: 16 where AVX-512 gives 32 vector
+    registers, else 8 (a 16-lane product added as two halves; see qmatmul_rows._fma_halves)."""
+    return 16 if isa == AVX512VNNI else 8
+
+
 def wide(isa: int) -> bool:
     """Does path isa take its activations as int16 (`dpw`) rather than as two int8 parts?"""
     return isa == AVX2
