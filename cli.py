@@ -240,7 +240,7 @@ DRAFT = typer.Option(None, "--draft", help="speculative decoding: a smaller mode
                      "(e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
 LOOKUP = typer.Option(0, "--lookup", min=0, max=16, help="speculative decoding without a model: propose what "
                       "followed the last N tokens earlier in the prompt or output (e.g. 3)")
-DRAFT_MAX = typer.Option(8, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (the length "
+DRAFT_MAX = typer.Option(7, "--draft-max", min=1, max=15, help="tokens proposed per pass at most (the length "
                          "used is the one measured fastest)")
 SPARSITY = typer.Option(0.0, "--sparsity", min=0.0, max=0.9, help="activation-sparse FFN: the fraction of weight "
                         "reads a decoded token skips (0: dense; calibrated on first use, see `edgellm sparsify`)")

@@ -97,7 +97,7 @@ class RuntimeConfig:
     fit_ctx: bool = False  # under a memory budget, shrink n_ctx (to 256 at least) to fit rather than refuse
     draft: str | None = None  # speculative decoding: a smaller model of the same vocabulary (name or path)
     lookup: int = 0  # speculative decoding without a model: match the last N tokens (0: off)
-    draft_max: int = 8  # tokens proposed per target pass, at most (the length used is the fastest measured)
+    draft_max: int = 7  # tokens proposed per target pass, at most (the length used is the fastest measured)
     sparsity: float = 0.0  # activation-sparse FFN: the fraction of weight reads a decoded token skips (0: dense)
     sparsity_calib: str | None = None  # the calibration text (a file); None: the built-in choice (runtime/sparsity.py)
     cache_type: str = "f16"  # KV cache elements: f16, q8_0 or q4_0 (blocks of 32 along head_dim, as llama.cpp's)

@@ -192,7 +192,7 @@ def test_run_reports_the_speculative_counts():
 
 def test_the_controller_takes_lengths_cut_by_the_context():
     c = Controller(8)
-    c.update(3, 3, 3, 0.01)  # near the end of the context 8 became 3: not a ladder length
+    c.update(5, 5, 5, 0.01)  # near the end of the context 8 became 5: not a ladder length
     c.update(8, 8, 8, 0.02)
     for _ in range(40):
         c.update(c.k, c.k, c.k, 0.01 * (1 + 0.2 * c.k))
