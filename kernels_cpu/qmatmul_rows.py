@@ -95,7 +95,9 @@ def _row_intrinsic(body):
                 toks.append(dict(xq=builder.gep(xqp, [builder.mul(tk, _i64(2))]), xd=builder.gep(xdp, [nbx]),
                                  xs=builder.gep(xsp, [nbx]), x4n=builder.gep(x4p, [tk]), t=t))
             rows = [builder.gep(rawp, [builder.add(roff_, builder.mul(rb_, _i64(i)))]) for i in range(n_row)]
-            for i, vals in enumerate(body(builder, path, rows, nb_, toks, fetch)):
+            # fetch: the prefetch hint's kind, by row length (None: no prefetch)
+            far = builder.icmp_signed(">=", rb_, _i64(LONG_ROW)) if fetch else None
+            for i, vals in enumerate(body(builder, path, rows, nb_, toks, far)):
                 for tok, v in zip(toks, vals):
                     at = builder.add(builder.mul(tok["t"], ostride_), builder.add(ooff_, _i64(i)))
                     builder.store(v, builder.gep(outp, [at]))
@@ -148,14 +150,23 @@ PREFETCH = 4096  # bytes ahead of the block being read that each block asks the 
 NO_PREFETCH = 100  # isa + NO_PREFETCH: the same kernel without it (rows read out of order: the sparse FFN's)
 
 
-def _prefetch(builder, blk, nbytes):
+LONG_ROW = 6144  # bytes: rows at least this long prefetch into L2 only, not L1
+
+
+def _prefetch(builder, blk, nbytes, far):
     """Ask for the cache lines PREFETCH bytes past a block of nbytes (the hardware prefetcher
-    alone restarts slowly at each work item's first row)."""
+    alone restarts slowly at each work item's first row): into L1, or into L2 where `far` (an
+    i1: a long row, whose tokens' activations fill most of L1 and would be evicted by the
+    weights streaming past; Zen 4, 2 threads: Q6_K 1536x8960 19 -> 24 GB/s, while rows of 1536
+    lose with it)."""
     f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8P, simd.I32, simd.I32, simd.I32]),
                                        "llvm.prefetch.p0i8")
-    for off in range(0, nbytes, 64):
-        builder.call(f, [builder.gep(blk, [_i64(PREFETCH + off)]), ir.Constant(simd.I32, 0),
-                         ir.Constant(simd.I32, 3), ir.Constant(simd.I32, 1)])
+    with builder.if_else(far) as (l2, l1):
+        for where, hint in ((l2, 2), (l1, 3)):
+            with where:
+                for off in range(0, nbytes, 64):
+                    builder.call(f, [builder.gep(blk, [_i64(PREFETCH + off)]), ir.Constant(simd.I32, 0),
+                                     ir.Constant(simd.I32, hint), ir.Constant(simd.I32, 1)])
 
 
 def _x4(builder, x, elem):
@@ -208,7 +219,7 @@ def _row_q4_k(builder, isa, rows, nb, toks, fetch):
         for row, ar in zip(rows, acc):
             blk = builder.gep(row, [builder.mul(b, _i64(144))])
             if fetch:
-                _prefetch(builder, blk, 144)
+                _prefetch(builder, blk, 144, fetch)
             # d and dmin as one vector (two scalar half loads become vpinsrw into a register whose
             # last writer is the mins' accumulator: a false dependency chaining every block)
             dd = builder.fpext(load_vec(builder, blk, _i64(0), ir.VectorType(ir.HalfType(), 2)), V2F)
@@ -255,7 +266,7 @@ def _row_q6_k(builder, isa, rows, nb, toks, fetch):
         for row in rows:
             blk = builder.gep(row, [builder.mul(b, _i64(210))])
             if fetch:
-                _prefetch(builder, blk, 210)
+                _prefetch(builder, blk, 210, fetch)
             d = f16_to_f32(builder, blk, _i64(208))
             dsc = builder.fmul(builder.sitofp(load_vec(builder, blk, _i64(192), vec(8, 16)), V16F), splat(builder, d, 16))
             s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
@@ -331,7 +342,7 @@ def _k16(builder, isa, rows, nb, toks, fetch, bytes_per_block, scales, weights, 
         for row in rows:
             blk = builder.gep(row, [builder.mul(b, _i64(bytes_per_block))])
             if fetch:
-                _prefetch(builder, blk, bytes_per_block)
+                _prefetch(builder, blk, bytes_per_block, fetch)
             dsc, dmn = scales(blk)
             dsc = builder.fmul(dsc, _QUARTER)
             s16.append([builder.fmul(dsc, dxt) for dxt in dx16])
@@ -428,7 +439,7 @@ def _pairs(builder, isa, rows, nb, toks, fetch, bytes_per_block, weights, signed
             blk0 = builder.gep(row, [builder.mul(b0, _i64(bytes_per_block))])
             blk1 = builder.gep(blk0, [_i64(bytes_per_block)])
             if fetch:
-                _prefetch(builder, blk0, 2 * bytes_per_block)
+                _prefetch(builder, blk0, 2 * bytes_per_block, fetch)
             w = weights(blk0, None if lone else blk1)
             dw = _d_pair(builder, blk0, None if lone else blk1)
             for xvt, x4t, dxt, ac in zip(xv, x4, dx, ar):
