@@ -211,12 +211,13 @@ def write_header(path, out) -> None:
 
 
 def build_twin(header, out) -> Path:
-    """A GGUF file with header's metadata and tensors (see the module doc), random blocks inside."""
+    """A GGUF file with header's metadata and tensors (see the module doc), random rows inside
+    (qmatmul_ref.random_raw; scales below 2.5e-4 keep the weights within about +-1, as trained
+    ones are: a Q6_K weight is d * scale * q, up to 127 * 32 d)."""
     import gzip
 
-    from edgellm.kernels_gpu import mirror
+    from edgellm.kernels_cpu.qmatmul_ref import random_raw
     from edgellm.loaders.gguf import GGUFFile
-    from edgellm.quant.ggml_types import GGMLType
 
     blob = gzip.decompress(Path(header).read_bytes())
     size, head = int.from_bytes(blob[:8], "little"), blob[8:]
@@ -230,18 +231,8 @@ def build_twin(header, out) -> Path:
     rng = np.random.default_rng(0)
     mm = np.memmap(out, np.uint8, "r+")
     for t in infos:
-        dst = mm[t.offset : t.offset + t.nbytes]
-        if t.type == GGMLType.F32:
-            v = (1.0 if t.name.endswith("norm.weight") else 0.0) + 0.02 * rng.standard_normal(t.nbytes // 4)
-            dst[:] = v.astype(np.float32).view(np.uint8)
-            continue
-        if t.type not in mirror.TYPES:
-            raise ValueError(f"{t.name}: {t.type.name} has no twin blocks")
-        blocks = dst.reshape(-1, mirror.BLOCK_BYTES[t.type])
-        blocks[:] = rng.integers(0, 256, blocks.shape, dtype=np.uint8)
-        d = 3e-4 if t.type == GGMLType.Q6_K else 2e-3  # weights within about +-1, as trained ones are
-        for o in {GGMLType.Q4_K: (0, 2), GGMLType.Q6_K: (208,)}.get(t.type, (0,)):
-            blocks[:, o : o + 2] = rng.uniform(-d, d, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+        k = t.shape[0]
+        mm[t.offset : t.offset + t.nbytes] = random_raw(t.type, t.n_elements // k, k, rng, d_max=2.5e-4).reshape(-1)
     mm.flush()
     del mm
     return out

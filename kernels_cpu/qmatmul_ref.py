@@ -189,9 +189,9 @@ _F16_FIELDS = {GGMLType.Q8_0: (0,), GGMLType.Q5_0: (0,), GGMLType.Q4_K: (0, 2), 
                GGMLType.Q3_K: (108,), GGMLType.Q2_K: (80, 82)}
 
 
-def random_raw(ggml_type: GGMLType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid random GGUF rows uint8 (n, row_bytes): random quants, finite scales of ~1/64.
-    F32/F16 rows hold standard normal values."""
+def random_raw(ggml_type: GGMLType, n: int, k: int, rng: np.random.Generator, d_max: float = 2 ** -5) -> np.ndarray:
+    """Valid random GGUF rows uint8 (n, row_bytes): random quants, finite float16 scales
+    uniform in [0, d_max) (~1/64 by default). F32/F16 rows hold standard normal values."""
     t = GGMLType(ggml_type)
     if t == GGMLType.F32:
         return rng.standard_normal((n, k), dtype=F32).view(np.uint8)
@@ -199,6 +199,6 @@ def random_raw(ggml_type: GGMLType, n: int, k: int, rng: np.random.Generator) ->
         return rng.standard_normal((n, k)).astype(np.float16).view(np.uint8)
     raw = rng.integers(0, 256, size=(n * (k // t.block_size), t.type_size), dtype=np.uint8)
     for off in _F16_FIELDS.get(t, ()):
-        d = (rng.random(raw.shape[0]) * 2 ** -5).astype(np.float16)
+        d = (rng.random(raw.shape[0]) * d_max).astype(np.float16)
         raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
     return raw.reshape(n, t.row_bytes(k))

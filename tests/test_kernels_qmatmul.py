@@ -7,8 +7,9 @@ dequantized GGUF weights (quant/, bit-exact to gguf-py), Q4_K's mins against the
 Against the exact product the rounding of x adds at most half a step per element. Every CPU
 path this machine offers is held to that bound, and the paths with accumulators of the same width
 (simd.acc_lanes: 16 float lanes on AVX-512, 8 elsewhere) must give the same bits; results must not
-depend on threads, batch size or row chunks. Prompts of more than TILE_T tokens go through packed tiles: the same integers,
-another float order, so the same bounds, and batch-invariant among themselves.
+depend on threads, batch size or row chunks. Prompts of more than TILE_T tokens go through packed
+tiles: the same integers, another float order, so the same bounds, and batch-invariant among
+themselves.
 """
 from __future__ import annotations
 
