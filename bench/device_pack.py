@@ -53,7 +53,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir")
-    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--model", default="gemma3-270m", choices=list(store.CATALOG))
     ap.add_argument("--limit", default="64M", help="bytes one call may carry, the tracked tree included")
     args = ap.parse_args()
     out = Path(args.dir)
@@ -85,4 +85,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgellm.errors import EdgeLLMError
+
+    try:
+        sys.exit(main())
+    except (EdgeLLMError, OSError) as e:  # a model not pulled yet, a full disk
+        sys.exit(f"bench/device_pack.py: {e}")

@@ -280,8 +280,18 @@ def main() -> int:
     from edgellm.loaders import store
 
     if args.write_header:
-        write_header(store.resolve(args.write_header[0]), args.write_header[1])
+        try:
+            write_header(store.resolve(args.write_header[0], pull_missing=False), args.write_header[1])
+        except (store.StoreError, OSError) as e:
+            print(f"bench/gpu.py: {e}", file=sys.stderr)
+            return 2
         return 0
+    for spec in args.twin:
+        name, _, header = spec.partition("=")
+        if not name or not Path(header).is_file():
+            print(f"bench/gpu.py: --twin {spec!r}: expected NAME=HEADER, HEADER a file from --write-header",
+                  file=sys.stderr)
+            return 2
     try:
         dev = CudaDevice()
     except DeviceError as e:
