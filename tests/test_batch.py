@@ -96,10 +96,11 @@ def test_parallel_streams_under_a_memory_budget(lone):
 
     budget = measure_baseline() + 250 * (1 << 20)  # the 491 MB model cannot stay resident
     with edgellm.load(MODEL, ctx=512, parallel=3, memory_budget=budget) as llm:
-        plan, tel = llm._engine.plan, llm._engine.weights.telemetry
+        plan = llm._engine.plan
         assert plan.streamed and "KV caches (3 sequences)" in plan.parts
+        before = llm._engine.weights.telemetry["bytes_read"]  # (a snapshot: what loading read so far)
         got = _together(llm, [lambda p=p: llm.generate(p, temperature=0, max_tokens=12) for p in PROMPTS[:3]])
-        assert tel["bytes_read"] > 0
+        assert llm._engine.weights.telemetry["bytes_read"] > before  # the passes streamed weights
     assert got == [lone.generate(p, temperature=0, max_tokens=12) for p in PROMPTS[:3]]
 
 
